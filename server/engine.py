@@ -1,0 +1,159 @@
+"""The engine: requests in, one step at a time, deltas out. Single-threaded; see async_engine for serving."""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer
+
+from server.config import EngineConfig
+from server.detokenizer import Detokenizer
+from server.kv_blocks import BlockManager
+from server.outputs import RequestOutput, TokenLogprob
+from server.runner import ModelRunner
+from server.sampler import SampleResult, sample
+from server.sampling import ParamError, SamplingParams
+from server.scheduler import Scheduler, SchedulerOutput
+from server.sequence import FinishReason, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestState:
+    seq: Sequence
+    detok: Detokenizer
+    generator: torch.Generator
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_name = config.served_model_name
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.runner = ModelRunner(config)
+        spec = self.runner.spec
+        capacity = self.runner.num_blocks * config.block_size
+        wanted = config.max_model_len or min(spec.max_position_embeddings, 8192)
+        if config.max_model_len is not None and wanted > capacity:
+            raise ValueError(f"max_model_len={wanted} does not fit the KV cache ({capacity} tokens); "
+                             "raise --kv-cache-memory or lower --max-model-len")
+        self.max_model_len = min(wanted, capacity)
+        self.eos_token_ids = set(spec.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.vocab_size = spec.vocab_size
+        self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, config.block_size),
+                                   config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, RequestState] = {}
+        self._aborted: list[RequestState] = []
+
+    # ---- requests in -------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    adapter=None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self.validate_prompt(prompt_ids, params)
+        seq = Sequence(request_id, prompt_ids, params, adapter)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        state = RequestState(seq, Detokenizer(self.tokenizer, prompt_ids, params.stop),
+                             torch.Generator().manual_seed(seed))
+        self.requests[request_id] = state
+        self.scheduler.add(seq)
+
+    def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ParamError("prompt is empty", "prompt")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ParamError(f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})", "prompt")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ParamError(f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                             f"{len(prompt_ids)} tokens and max_tokens is {params.max_tokens} "
+                             f"({total} in all). Shorten the prompt or lower max_tokens.", "max_tokens"
+                             if len(prompt_ids) < self.max_model_len else "prompt")
+
+    def abort_request(self, request_id: str) -> None:
+        state = self.requests.pop(request_id, None)
+        if state is not None:
+            self.scheduler.finish(state.seq, FinishReason.ABORT)
+            self._aborted.append(state)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._aborted)
+
+    # ---- one iteration -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._output(s, [], None, final=True) for s in self._aborted]
+        self._aborted = []
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return outputs
+        sampled, logits = self.runner.run(batch)
+        states = [self.requests[item.seq.request_id] for item in sampled]
+        result = sample(logits, [s.seq.params for s in states], [s.generator for s in states])
+        return outputs + self._postprocess(batch, states, result)
+
+    def _postprocess(self, batch: SchedulerOutput, states: list[RequestState],
+                     result: SampleResult) -> list[RequestOutput]:
+        for item in batch.scheduled:
+            item.seq.num_computed_tokens += item.num_tokens
+        outputs = []
+        for state, token, logprob in zip(states, result.token_ids, result.logprobs):
+            seq = state.seq
+            seq.append_token(token)
+            stopped_by_text = state.detok.add(token)
+            reason = self._finish_reason(seq, token, stopped_by_text)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self.requests[seq.request_id]
+            outputs.append(self._output(state, [token], logprob, final=reason is not None))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int, stopped_by_text: bool) -> FinishReason | None:
+        p = seq.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or stopped_by_text:
+            return FinishReason.STOP
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _output(self, state: RequestState, tokens: list[int], logprob: TokenLogprob | None,
+                final: bool) -> RequestOutput:
+        seq = state.seq
+        return RequestOutput(
+            request_id=seq.request_id,
+            token_ids=tokens,
+            text=state.detok.delta(final),
+            logprobs=[logprob] if logprob is not None else None,
+            finished=final,
+            finish_reason=seq.finish_reason.value if final and seq.finish_reason else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=len(seq.output_ids),
+        )
+
+    def stats(self) -> dict:
+        blocks = self.scheduler.blocks
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": blocks.num_used,
+            "kv_blocks_total": blocks.num_blocks,
+            "num_preemptions": sum(s.seq.num_preemptions for s in self.requests.values()),
+        }
+
+    # ---- offline use -------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion; returns each one's generated token ids (tests, benchmarks)."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{i}-{random.getrandbits(32)}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                tokens[out.request_id].extend(out.token_ids)
+        return [tokens[rid] for rid in ids]

@@ -1,0 +1,49 @@
+"""Paged attention on the CPU path: gather each group's KV blocks, one SDPA call per group."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from server.batch import AttnGroup
+
+
+class KVCache:
+    """Per layer: k, v of shape [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: str | torch.device = "cpu"):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor, groups: list[AttnGroup],
+                    window: int | None, scale: float) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend every query to its sequence's cached keys.
+
+    q: [T, H, D]; k, v: [T, KVH, D]; k_cache, v_cache: [NBLK, BS, KVH, D] (modified in place: rows
+    `slot_mapping` get k, v). Returns [T, H * D].
+    """
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    out = q.new_empty(q.shape[0], q.shape[1] * head_dim)
+    for g in groups:
+        b, nq = g.token_index.shape
+        qg = q[g.token_index].transpose(1, 2)                              # [B, H, Q, D]
+        kg = k_cache[g.block_tables].flatten(1, 2).transpose(1, 2)          # [B, KVH, K, D]
+        vg = v_cache[g.block_tables].flatten(1, 2).transpose(1, 2)
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.masks[window], scale=scale,
+                                            enable_gqa=True)                 # [B, H, Q, D]
+        og = og.transpose(1, 2).reshape(b * nq, -1)
+        if g.valid is not None:
+            og = og[g.valid]
+        out.index_copy_(0, g.out_index, og)
+    return out

@@ -1,0 +1,148 @@
+"""Llama / Mistral / Qwen2 decoder, written against BatchMeta (flat tokens, paged KV).
+
+q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs); `Linear.slices` records where each
+HF sub-projection lives in the fused output so per-module adapter deltas can be added to their columns.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.batch import BatchMeta
+from server.model.attention import KVCache, paged_attention
+from server.model.spec import ModelSpec
+
+
+class Linear(nn.Module):
+    """y = x @ W.T (+ b). `slices`: HF module name -> (first column, width) within y.
+
+    Adapters that touch a linear layer add their contribution for the tokens that carry them through
+    `self.adapter_hooks` (each a callable(x, y, meta, layer_index, module_name) modifying y in place).
+    """
+
+    def __init__(self, in_features: int, slices: dict[str, int], bias: bool, layer: int):
+        super().__init__()
+        self.slices: dict[str, tuple[int, int]] = {}
+        col = 0
+        for name, width in slices.items():
+            self.slices[name] = (col, width)
+            col += width
+        self.weight = nn.Parameter(torch.empty(col, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(col), requires_grad=False) if bias else None
+        self.layer = layer
+        self.adapter_hooks: list = []
+
+    def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        for hook in self.adapter_hooks:
+            hook(x, y, meta, self)
+        return y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same arithmetic as HF: normalise in fp32, cast back, then scale.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF (non-interleaved) RoPE. x: [T, heads, D]; cos, sin: [T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.spec = spec
+        self.layer = layer
+        self.qkv_proj = Linear(spec.hidden_size, {"q_proj": spec.q_size, "k_proj": spec.kv_size,
+                                                  "v_proj": spec.kv_size}, spec.qkv_bias, layer)
+        self.o_proj = Linear(spec.q_size, {"o_proj": spec.hidden_size}, spec.o_bias, layer)
+        self.window = spec.sliding_window[layer]
+        self.scale = spec.head_dim ** -0.5
+
+    def forward(self, x, cos, sin, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
+        s = self.spec
+        qkv = self.qkv_proj(x, meta)
+        q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
+        q = rotate(q.view(-1, s.num_heads, s.head_dim), cos, sin)
+        k = rotate(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+        v = v.view(-1, s.num_kv_heads, s.head_dim)
+        o = paged_attention(q, k, v, kv.k[self.layer], kv.v[self.layer], meta.slot_mapping, meta.attn_groups,
+                            self.window, self.scale)
+        return self.o_proj(o, meta)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.inter = spec.intermediate_size
+        self.gate_up_proj = Linear(spec.hidden_size, {"gate_proj": self.inter, "up_proj": self.inter},
+                                   spec.mlp_bias, layer)
+        self.down_proj = Linear(self.inter, {"down_proj": spec.hidden_size}, spec.mlp_bias, layer)
+
+    def forward(self, x, meta: BatchMeta) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x, meta)
+        gate, up = gate_up.split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up, meta)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, layer)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec, layer)
+
+    def forward(self, h, cos, sin, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv)
+        return h + self.mlp(self.post_attention_layernorm(h), meta)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = None if spec.tie_word_embeddings else Linear(
+            spec.hidden_size, {"lm_head": spec.vocab_size}, False, spec.num_layers)
+        self.register_buffer("inv_freq", spec.inv_freq.clone(), persistent=False)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = self.spec.rope_attention_scaling
+        cos, sin = emb.cos() * scale, emb.sin() * scale
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+
+    def embed(self, meta: BatchMeta) -> torch.Tensor:
+        return self.embed_tokens(meta.input_ids)
+
+    @torch.inference_mode()
+    def forward(self, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
+        """Returns logits [S, vocab] (float32) for the rows `meta.sample_index`."""
+        h = self.embed(meta)
+        cos, sin = self.rope(meta.positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, meta, kv)
+        h = self.norm(h[meta.sample_index])
+        if self.lm_head is None:
+            logits = F.linear(h, self.embed_tokens.weight)
+        else:
+            logits = self.lm_head(h, meta)
+        return logits.float()

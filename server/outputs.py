@@ -1,0 +1,30 @@
+"""What the engine hands back to a caller for each request, once per step that produced something."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    # top alternatives at this position, best first: (token_id, logprob); len = SamplingParams.logprobs
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """A delta: the tokens and text this step added to request `request_id`.
+
+    `text` is held back while it could still be the start of a stop string, so concatenating every delta's
+    `text` gives exactly the final completion text (stop string excluded). `finish_reason` is set on the last
+    delta only: "stop" (EOS / stop token / stop string), "length" (max_tokens or context full), "abort".
+    """
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int

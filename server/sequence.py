@@ -1,0 +1,75 @@
+"""One request's state as the scheduler sees it. Pure Python: no tensors."""
+from __future__ import annotations
+
+import itertools
+from enum import Enum, auto
+
+from server.sampling import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"          # EOS, stop token or stop string
+    LENGTH = "length"      # max_tokens or max_model_len reached
+    ABORT = "abort"        # client went away or server shutdown
+
+
+_counter = itertools.count()
+
+
+class Sequence:
+    """A request: prompt ids, generated ids, and how much of it is in the KV cache.
+
+    `num_computed_tokens` counts tokens whose K/V are in the cache; the rest are pending: the whole prompt at
+    first (prefilled in one or more chunks), then exactly one token (the last sampled) per decode step.
+    """
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter=None,
+                 arrival: float = 0.0):
+        if not prompt_ids:
+            raise ValueError("prompt must contain at least one token")
+        self.request_id = request_id
+        self.seq_no = next(_counter)          # arrival order, for FCFS and preemption
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.adapter = adapter                # adapter handle or None for the base model
+        self.arrival = arrival
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.num_preemptions = 0
+
+    def __repr__(self):
+        return (f"Sequence({self.request_id!r}, prompt={self.num_prompt_tokens}, out={len(self.output_ids)}, "
+                f"computed={self.num_computed_tokens}, {self.status.name})")
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens not yet in the KV cache (the whole prompt at first, then 1 per decode step)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.output_ids.append(token_id)
