@@ -104,19 +104,20 @@ def _save_model(path: Path, *, seed: int, hidden_size: int, num_layers: int, num
                 bos_id: int, eos_id: int, pad_id: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     config = LlamaConfig(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                          num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
                          vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
                          bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
-                         tie_word_embeddings=False, torch_dtype="float32")
+                         tie_word_embeddings=False, dtype="float32")
     with torch.random.fork_rng(devices=[]):    # CPU generator only; leaves the caller's RNG state alone
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(torch.float32)
-    model.save_pretrained(path, safe_serialization=True)
-    # transformers 5 writes "dtype" and "rope_parameters"; older versions read these keys.
-    config_path = path / "config.json"
-    saved = json.loads(config_path.read_text())
-    saved.setdefault("torch_dtype", "float32")
-    saved.setdefault("rope_theta", saved.get("rope_parameters", {}).get("rope_theta", 10000.0))
-    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()           # a one-shard progress bar is noise in server logs
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
