@@ -1,0 +1,12 @@
+FROM python:3.11-slim
+WORKDIR /app
+RUN apt-get update && apt-get install -y --no-install-recommends make gcc && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml README.md Makefile ./
+COPY server server
+COPY kernels kernels
+COPY adapters adapters
+# CPU torch first so nothing pulls a CUDA build; use a CUDA base image and torch build for GPUs.
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+ && pip install --no-cache-dir -e .
+EXPOSE 8000
+ENTRYPOINT ["peftserve", "serve", "--host", "0.0.0.0", "--port", "8000"]
