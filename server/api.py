@@ -1,0 +1,247 @@
+"""The OpenAI-compatible HTTP API. Routes only translate: body -> (prompt ids, SamplingParams, adapter) -> engine,
+engine outputs -> OpenAI JSON or SSE. Every error leaves in OpenAI's shape (server/errors.py).
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
+A client that disconnects has its request aborted, streaming or not, so its KV blocks are freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import secrets
+import time
+from contextlib import aclosing, asynccontextmanager
+from typing import AsyncIterator
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.async_engine import AsyncEngine, EngineOverloaded, EngineShutdown, RequestFailed
+from server.errors import APIError, ModelNotFound, from_validation_errors, to_api_error
+from server.metrics import RequestCounter, ServerMetrics
+from server.outputs import RequestOutput
+from server.protocol import (ChatCompletionRequest, ChatFormatter, CompletionFormatter, CompletionRequest,
+                             ModelCard, ModelList, new_id)
+from server.sampling import ParamError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+INFERENCE_PREFIX = "/v1/"        # paths that need the API key when one is set
+ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+CLIENT_CLOSED = 499              # nginx's status for "client closed request"; nobody receives it
+
+
+def resolve_model(name: str, base_name: str) -> str | None:
+    """The adapter a request's `model` field names, or None for the base model; ModelNotFound otherwise."""
+    if name == base_name:
+        return None
+    raise ModelNotFound(name, [base_name])
+
+
+class _Serving:
+    """What the routes share: the engine, an HTTP-side tokenizer, metrics."""
+
+    def __init__(self, async_engine: AsyncEngine, metrics: ServerMetrics):
+        engine = async_engine.engine
+        self.async_engine = async_engine
+        # The engine thread detokenizes with engine.tokenizer; a Rust tokenizer must not be shared across threads.
+        self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self.model_name = engine.model_name
+        self.max_model_len = engine.max_model_len
+        self.metrics = metrics
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        start = time.monotonic()
+        waiting_for_first = True
+        async with aclosing(self.async_engine.generate(prompt_ids, params, adapter, request_id)) as outputs:
+            async for out in outputs:
+                if waiting_for_first and out.num_output_tokens:
+                    waiting_for_first = False
+                    self.metrics.time_to_first_token.observe(time.monotonic() - start)
+                if out.finished:
+                    self.metrics.observe_finished(out.num_prompt_tokens, out.num_output_tokens,
+                                                  time.monotonic() - start)
+                yield out
+
+
+def build_app(async_engine: AsyncEngine, *, api_key: str | None = None) -> FastAPI:
+    """The app serving `async_engine`; it starts the engine thread on startup and stops it on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(async_engine.shutdown)
+
+    app = FastAPI(title="peftserve", lifespan=lifespan)
+    metrics = ServerMetrics(async_engine.stats, known_paths=ROUTES)
+    serving = _Serving(async_engine, metrics)
+    _add_error_handlers(app)
+    if api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key)
+    app.add_middleware(RequestCounter, metrics=metrics)     # outermost: counts 401s too
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        adapter = resolve_model(body.model, serving.model_name)
+        prompt = body.single_prompt()
+        params = body.sampling_params()
+        prompt_ids = prompt if isinstance(prompt, list) else serving.tokenizer.encode(prompt)
+        echo_text = "" if not body.echo else prompt if isinstance(prompt, str) else serving.tokenizer.decode(prompt)
+        request_id = new_id("cmpl")
+        formatter = CompletionFormatter(serving.tokenizer, request_id, body.model, echo_text=echo_text,
+                                        include_usage=body.include_usage)
+        outputs = serving.generate(prompt_ids, params, adapter, request_id)
+        return await _respond(request, outputs, formatter, body.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        adapter = resolve_model(body.model, serving.model_name)
+        prompt_ids = _chat_prompt_ids(serving.tokenizer, body)
+        params = body.sampling_params(len(prompt_ids), serving.max_model_len)
+        request_id = new_id("chatcmpl")
+        formatter = ChatFormatter(serving.tokenizer, request_id, body.model, include_usage=body.include_usage)
+        outputs = serving.generate(prompt_ids, params, adapter, request_id)
+        return await _respond(request, outputs, formatter, body.stream)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=serving.model_name, max_model_len=serving.max_model_len)])
+
+    @app.get("/health")
+    async def health():
+        if not async_engine.is_running:
+            return JSONResponse({"status": "engine not running"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+    messages = [message.template_dict() for message in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except jinja2.TemplateError as exc:
+        raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)     # the template adds any BOS itself
+
+
+# ---- responses -------------------------------------------------------------------------------------------------
+async def _respond(request: Request, outputs: AsyncIterator[RequestOutput], formatter, stream: bool) -> Response:
+    """One JSON body, or an SSE stream. Errors before the first output (rejected prompt, overload) still get
+    their own status code: a stream's headers are sent only once the first output is here."""
+    if not stream:
+        async def collect():
+            async with aclosing(outputs):
+                return formatter.response([out async for out in outputs])
+        return _json(await _until_disconnect(request, collect()))
+
+    first = await _until_disconnect(request, _first(outputs))
+
+    async def events() -> AsyncIterator[str]:
+        async with aclosing(outputs):
+            try:
+                for event in formatter.events(first):
+                    yield _sse(event)
+                async for out in outputs:
+                    for event in formatter.events(out):
+                        yield _sse(event)
+            except Exception as exc:            # headers are gone: report in-band, as OpenAI does
+                error = to_api_error(exc)
+                if error.status >= 500:
+                    log.error("stream failed: %s", exc, exc_info=not isinstance(exc, (APIError, RequestFailed)))
+                yield f"data: {json.dumps(error.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _first(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    try:
+        return await anext(outputs)
+    except BaseException:
+        await outputs.aclose()
+        raise
+
+
+def _sse(event: BaseModel) -> str:
+    return f"data: {event.model_dump_json(exclude_none=False)}\n\n"
+
+
+def _json(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+async def _until_disconnect(request: Request, work):
+    """Await `work`; if the client disconnects first, cancel it (which aborts its request) and answer 499."""
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch_task.cancel()
+        if not work_task.done():
+            work_task.cancel()
+            await asyncio.gather(work_task, return_exceptions=True)
+    if work_task.cancelled():
+        raise APIError(CLIENT_CLOSED, "client closed the request")
+    return work_task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---- errors and auth -------------------------------------------------------------------------------------------
+def _add_error_handlers(app: FastAPI) -> None:
+    async def api_error(request: Request, exc: Exception) -> Response:
+        error = to_api_error(exc)
+        if error.status >= 500:         # an unexpected exception's traceback is logged by the server
+            log.error("%s %s failed: %s", request.method, request.url.path, exc)
+        return error.response()
+
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return from_validation_errors(list(exc.errors())).response()
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return APIError(exc.status_code, str(exc.detail)).response()
+
+    for exc_class in (APIError, ParamError, EngineOverloaded, EngineShutdown, RequestFailed, Exception):
+        app.add_exception_handler(exc_class, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+class _BearerAuth:
+    """ASGI middleware: paths under /v1/ need `Authorization: Bearer <api_key>`."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith(INFERENCE_PREFIX):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                error = APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                 code="invalid_api_key")
+                return await error.response()(scope, receive, send)
+        await self.app(scope, receive, send)

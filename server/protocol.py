@@ -1,0 +1,371 @@
+"""OpenAI request and response bodies (the subset peftserve serves), and the translation to SamplingParams.
+
+Unknown request fields are ignored, as OpenAI clients send fields a server may not know; fields we know but
+don't support (n > 1, penalties, best_of, suffix, logit_bias) are rejected with a ParamError naming them.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+from server.outputs import RequestOutput, TokenLogprob
+from server.sampling import ParamError, SamplingParams
+
+MAX_TOP_LOGPROBS = 20
+
+
+# ---- requests ------------------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None                      # extension
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    ignore_eos: bool = False                      # extension
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        if self.n != 1:
+            raise ParamError(f"only n=1 is supported, got n={self.n}", "n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise ParamError(f"{name} is not supported", name)
+        if self.logit_bias:
+            raise ParamError("logit_bias is not supported", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise ParamError("stream_options is only allowed with stream=true", "stream_options")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+            stop=[] if self.stop is None else self.stop,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+        )
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt: a string or token ids (a one-element batch is unwrapped)."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ParamError(f"only one prompt per request is supported, got {len(prompt)}", "prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise ParamError("prompt is empty", "prompt")
+        return prompt
+
+    def sampling_params(self) -> SamplingParams:
+        if self.best_of not in (None, 1):
+            raise ParamError("best_of is not supported", "best_of")
+        if self.suffix:
+            raise ParamError("suffix is not supported", "suffix")
+        if self.echo and self.logprobs is not None:
+            raise ParamError("echo with logprobs is not supported (no prompt logprobs)", "echo")
+        return self._sampling_params(16 if self.max_tokens is None else self.max_tokens, self.logprobs)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")      # name, tool_call_id, ... pass through to the template
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def template_dict(self) -> dict:
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            message["content"] = "".join(part.text for part in self.content)
+        message.setdefault("content", "")
+        return message
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def sampling_params(self, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+        """Without max_(completion_)tokens the reply may use the rest of the context."""
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if max_tokens is None:
+            if num_prompt_tokens >= max_model_len:
+                raise ParamError(f"This model's maximum context length is {max_model_len} tokens; the messages "
+                                 f"have {num_prompt_tokens} tokens", "messages")
+            max_tokens = max_model_len - num_prompt_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ParamError("top_logprobs requires logprobs=true", "top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        try:
+            return self._sampling_params(max_tokens, logprobs)
+        except ParamError as exc:               # name the chat field, not SamplingParams'
+            renamed = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"
+                       if self.max_completion_tokens is not None else "max_tokens"}
+            raise ParamError(str(exc), renamed.get(exc.param, exc.param)) from None
+
+
+# ---- responses -----------------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionLogprobs(BaseModel):
+    """Legacy completions shape: parallel lists, one entry per sampled token."""
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    """Unset fields are left out, as OpenAI does: `{"role": "assistant", "content": ""}`, `{"content": "Hi"}`, `{}`."""
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatStreamChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "peftserve"
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- engine outputs -> responses -------------------------------------------------------------------------------
+class _Formatter:
+    """Turns one request's RequestOutputs into OpenAI objects.
+
+    `events(out)` gives the stream chunks for one output; `response(outputs)` the non-streamed body, built from
+    the same pieces, so a streamed reply concatenates to exactly the non-streamed one.
+    """
+
+    def __init__(self, tokenizer, request_id: str, model: str, include_usage: bool = False):
+        self.tokenizer = tokenizer
+        self.request_id = request_id
+        self.model = model
+        self.include_usage = include_usage
+
+    def _token_strings(self, logprobs: list[TokenLogprob]) -> tuple[list[str], list[list[str]]]:
+        """Decoded text of each sampled token and of each of its top alternatives (one tokenizer call)."""
+        ids = [[lp.token_id] for lp in logprobs] + [[t] for lp in logprobs for t, _ in lp.top]
+        strings = self.tokenizer.batch_decode(ids) if ids else []
+        sampled, rest = strings[:len(logprobs)], iter(strings[len(logprobs):])
+        return sampled, [[next(rest) for _ in lp.top] for lp in logprobs]
+
+    @staticmethod
+    def usage(out: RequestOutput) -> Usage:
+        return Usage.of(out.num_prompt_tokens, out.num_output_tokens)
+
+
+class CompletionFormatter(_Formatter):
+    def __init__(self, tokenizer, request_id: str, model: str, *, echo_text: str = "",
+                 include_usage: bool = False):
+        super().__init__(tokenizer, request_id, model, include_usage)
+        self.pending_echo = echo_text
+        self.text_offset = len(echo_text)
+
+    def events(self, out: RequestOutput) -> list[BaseModel]:
+        text, self.pending_echo = self.pending_echo + out.text, ""
+        logprobs = self._logprobs(out.logprobs) if out.logprobs is not None else None
+        events: list[BaseModel] = []
+        if text or logprobs or out.finished:
+            choice = CompletionChoice(text=text, logprobs=logprobs, finish_reason=out.finish_reason)
+            events.append(CompletionResponse(id=self.request_id, model=self.model, choices=[choice]))
+        if out.finished and self.include_usage:
+            events.append(CompletionResponse(id=self.request_id, model=self.model, choices=[],
+                                             usage=self.usage(out)))
+        return events
+
+    def response(self, outputs: list[RequestOutput]) -> CompletionResponse:
+        chunks = [event.choices[0] for out in outputs for event in self.events(out) if event.choices]
+        merged = CompletionChoice(text="".join(c.text for c in chunks), finish_reason=outputs[-1].finish_reason)
+        if any(c.logprobs is not None for c in chunks):
+            merged.logprobs = CompletionLogprobs()
+            for c in chunks:
+                if c.logprobs is not None:
+                    for name in CompletionLogprobs.model_fields:
+                        getattr(merged.logprobs, name).extend(getattr(c.logprobs, name))
+        return CompletionResponse(id=self.request_id, model=self.model, choices=[merged],
+                                  usage=self.usage(outputs[-1]))
+
+    def _logprobs(self, logprobs: list[TokenLogprob]) -> CompletionLogprobs:
+        sampled, tops = self._token_strings(logprobs)
+        result = CompletionLogprobs(tokens=sampled, token_logprobs=[lp.logprob for lp in logprobs])
+        for lp, token, top_strings in zip(logprobs, sampled, tops):
+            result.top_logprobs.append(dict(zip(top_strings, (p for _, p in lp.top))) if lp.top else None)
+            result.text_offset.append(self.text_offset)
+            self.text_offset += len(token)
+        return result
+
+
+class ChatFormatter(_Formatter):
+    def __init__(self, tokenizer, request_id: str, model: str, *, include_usage: bool = False):
+        super().__init__(tokenizer, request_id, model, include_usage)
+        self.sent_role = False
+
+    def events(self, out: RequestOutput) -> list[BaseModel]:
+        events: list[BaseModel] = []
+        if not self.sent_role:
+            self.sent_role = True
+            events.append(self._chunk(ChatDelta(role="assistant", content="")))
+        logprobs = self._logprobs(out.logprobs) if out.logprobs is not None else None
+        if out.text or logprobs:
+            events.append(self._chunk(ChatDelta(content=out.text), logprobs=logprobs))
+        if out.finished:
+            events.append(self._chunk(ChatDelta(), finish_reason=out.finish_reason))
+            if self.include_usage:
+                events.append(ChatCompletionChunk(id=self.request_id, model=self.model, choices=[],
+                                                  usage=self.usage(out)))
+        return events
+
+    def response(self, outputs: list[RequestOutput]) -> ChatCompletionResponse:
+        content = "".join(out.text for out in outputs)
+        logprobs = None
+        if any(out.logprobs is not None for out in outputs):
+            logprobs = ChatLogprobs(content=[entry for out in outputs if out.logprobs
+                                             for entry in self._logprobs(out.logprobs).content])
+        choice = ChatChoice(message=ChatMessageOut(content=content), logprobs=logprobs,
+                            finish_reason=outputs[-1].finish_reason)
+        return ChatCompletionResponse(id=self.request_id, model=self.model, choices=[choice],
+                                      usage=self.usage(outputs[-1]))
+
+    def _chunk(self, delta: ChatDelta, *, logprobs: ChatLogprobs | None = None,
+               finish_reason: str | None = None) -> ChatCompletionChunk:
+        choice = ChatStreamChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)
+        return ChatCompletionChunk(id=self.request_id, model=self.model, choices=[choice])
+
+    def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs:
+        sampled, tops = self._token_strings(logprobs)
+        return ChatLogprobs(content=[
+            ChatTokenLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode()),
+                             top_logprobs=[TopLogprob(token=s, logprob=p, bytes=list(s.encode()))
+                                           for s, (_, p) in zip(top_strings, lp.top)])
+            for lp, token, top_strings in zip(logprobs, sampled, tops)])
