@@ -52,9 +52,7 @@ def run_engine(path, dtype, prompts, output_len):
 def matmul_floor(engine, num_tokens, repeats=5):
     """Seconds for the bare weight matmuls of one step at `num_tokens` tokens (all linears + lm_head)."""
     model = engine.runner.model
-    weights = [m.weight for m in model.modules() if hasattr(m, "slices")]
-    if model.lm_head is None:
-        weights.append(model.embed_tokens.weight)
+    weights = [m.weight for m in model.modules() if hasattr(m, "slices")]   # every Linear, lm_head included
     xs = {w.shape[1]: torch.randn(num_tokens, w.shape[1], dtype=w.dtype) for w in weights}
     times = []
     with torch.inference_mode():

@@ -49,12 +49,13 @@ class EngineConfig:
     kv_cache_memory: str | int | float = "2GiB"  # bytes, or a fraction of physical memory
     block_size: int = 16                    # tokens per KV block
     max_waiting: int = 1024                 # more queued requests than this -> 503
+    max_loras: int = 64                     # adapter slots on the device (LoRA stacks grow up to this)
     device: str = "cpu"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting", "max_loras"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer
 
+from adapters.lora_runtime import LoraRuntime
+from adapters.registry import AdapterRegistry
 from server.config import EngineConfig
 from server.detokenizer import Detokenizer
 from server.kv_blocks import BlockManager
@@ -49,14 +51,37 @@ class LLMEngine:
                                    config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, RequestState] = {}
         self._aborted: list[RequestState] = []
+        self.num_preemptions = 0
+        lora = LoraRuntime(self.runner.model)
+        self.runner.adapter_runtimes.append(lora)
+        self.adapters = AdapterRegistry(
+            runtimes={"lora": lora},
+            loaders={"lora": self._load_lora},
+            num_layers=spec.num_layers, max_slots=config.max_loras)
+
+    def _load_lora(self, path: str):
+        from adapters.lora import load_lora
+        return load_lora(path, self.runner.spec, self.runner.model.base_weight)
 
     # ---- requests in -------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    adapter=None) -> None:
+                    adapter: str | None = None, adapter_drop: int | None = None) -> None:
+        """Queue a request. `adapter`: a loaded adapter's name (None = the base model); `adapter_drop`:
+        skip the adapter in layers below this one (AdapterDrop; default: the adapter's own setting).
+        Raises AdapterNotFound for an unknown adapter, ParamError for bad input."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         self.validate_prompt(prompt_ids, params)
-        seq = Sequence(request_id, prompt_ids, params, adapter)
+        handle = self.adapters.get(adapter) if adapter is not None else None
+        first_layer = 0
+        if handle is not None:
+            first_layer = handle.drop_layers if adapter_drop is None else adapter_drop
+            if not 0 <= first_layer <= self.runner.spec.num_layers:
+                raise ParamError(f"adapter_drop must be in [0, {self.runner.spec.num_layers}], got {first_layer}",
+                                 "adapter_drop")
+            handle.refcount += 1
+            handle.requests_served += 1
+        seq = Sequence(request_id, prompt_ids, params, handle, first_layer)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         state = RequestState(seq, Detokenizer(self.tokenizer, prompt_ids, params.stop),
                              torch.Generator().manual_seed(seed))
@@ -79,7 +104,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
         if state is not None:
-            self.scheduler.finish(state.seq, FinishReason.ABORT)
+            self._finish(state.seq, FinishReason.ABORT)
             self._aborted.append(state)
 
     def has_unfinished(self) -> bool:
@@ -90,6 +115,7 @@ class LLMEngine:
         outputs = [self._output(s, [], None, final=True) for s in self._aborted]
         self._aborted = []
         batch = self.scheduler.schedule()
+        self.num_preemptions += len(batch.preempted)
         if batch.is_empty:
             return outputs
         sampled, logits = self.runner.run(batch)
@@ -108,10 +134,15 @@ class LLMEngine:
             stopped_by_text = state.detok.add(token)
             reason = self._finish_reason(seq, token, stopped_by_text)
             if reason is not None:
-                self.scheduler.finish(seq, reason)
+                self._finish(seq, reason)
                 del self.requests[seq.request_id]
             outputs.append(self._output(state, [token], logprob, final=reason is not None))
         return outputs
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        if seq.adapter is not None:
+            seq.adapter.refcount -= 1
 
     def _finish_reason(self, seq: Sequence, token: int, stopped_by_text: bool) -> FinishReason | None:
         p = seq.params
@@ -142,16 +173,19 @@ class LLMEngine:
             "num_waiting": len(self.scheduler.waiting),
             "kv_blocks_used": blocks.num_used,
             "kv_blocks_total": blocks.num_blocks,
-            "num_preemptions": sum(s.seq.num_preemptions for s in self.requests.values()),
+            "num_preemptions": self.num_preemptions,
+            "num_adapters": len(self.adapters.handles),
         }
 
     # ---- offline use -------------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[list[int]]:
         """Run prompts to completion; returns each one's generated token ids (tests, benchmarks)."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
         ids = [f"offline-{i}-{random.getrandbits(32)}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, params_list):
-            self.add_request(rid, prompt, p)
+        for rid, prompt, p, adapter in zip(ids, prompts, params_list, adapters):
+            self.add_request(rid, prompt, p, adapter)
         tokens: dict[str, list[int]] = {rid: [] for rid in ids}
         while self.has_unfinished():
             for out in self.step():

@@ -9,6 +9,7 @@ from server.kv_blocks import cdiv
 from server.model.attention import KVCache
 from server.model.loader import load_model, resolve_dtype
 from server.scheduler import ScheduledSeq, SchedulerOutput
+from server.step_layout import StepLayout
 
 
 class ModelRunner:
@@ -26,6 +27,7 @@ class ModelRunner:
                              f"(one block of {self.block_size} tokens takes {per_block} bytes)")
         self.kv = KVCache(s.num_layers, self.num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
                           self.dtype, self.device)
+        self.adapter_runtimes: list = []     # each: .kind, .step_view(StepLayout) -> per-step view or None
 
     def run(self, batch: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Forward one step. Returns the sequences to sample (last chunk done) and their logits [S, V] fp32."""
@@ -40,6 +42,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
+        rows: list[int] = []
         sampled: list[ScheduledSeq] = []
         decodes: list[tuple[ScheduledSeq, int]] = []      # (seq, first flat row)
         prefills: list[tuple[ScheduledSeq, int]] = []
@@ -47,6 +50,7 @@ class ModelRunner:
             seq, n = item.seq, item.num_tokens
             start = seq.num_computed_tokens
             row = len(input_ids)
+            rows.append(row)
             input_ids.extend(seq.all_ids[start:start + n])
             table = seq.block_table
             for p in range(start, start + n):
@@ -64,6 +68,11 @@ class ModelRunner:
             attn_groups=groups,
             sample_index=self._tensor(sample_rows),
         )
+        layout = StepLayout(order, rows)
+        for runtime in self.adapter_runtimes:
+            view = runtime.step_view(layout)
+            if view is not None:
+                meta.adapters[runtime.kind] = view
         return meta, sampled
 
     def _group(self, members: list[tuple[ScheduledSeq, int]]) -> AttnGroup:

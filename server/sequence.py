@@ -30,7 +30,7 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter=None,
-                 arrival: float = 0.0):
+                 first_adapter_layer: int = 0, arrival: float = 0.0):
         if not prompt_ids:
             raise ValueError("prompt must contain at least one token")
         self.request_id = request_id
@@ -39,6 +39,7 @@ class Sequence:
         self.output_ids: list[int] = []
         self.params = params
         self.adapter = adapter                # adapter handle or None for the base model
+        self.first_adapter_layer = first_adapter_layer   # AdapterDrop: layers below this skip the adapter
         self.arrival = arrival
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None

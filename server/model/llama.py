@@ -119,9 +119,26 @@ class LlamaModel(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = None if spec.tie_word_embeddings else Linear(
-            spec.hidden_size, {"lm_head": spec.vocab_size}, False, spec.num_layers)
+        # layer index num_layers marks the lm_head: its rows are the sampled tokens only
+        self.lm_head = Linear(spec.hidden_size, {"lm_head": spec.vocab_size}, False, spec.num_layers)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.embed_hooks: list = []          # callable(h, meta): adds per-token embedding deltas in place
         self.register_buffer("inv_freq", spec.inv_freq.clone(), persistent=False)
+
+    def base_weight(self, layer: int | None, module: str) -> torch.Tensor:
+        """The frozen weight [out, in] of HF module `module` (a view into our fused weights)."""
+        if module == "embed_tokens":
+            return self.embed_tokens.weight
+        if module == "lm_head":
+            return self.lm_head.weight
+        block = self.layers[layer].self_attn if module in ("q_proj", "k_proj", "v_proj", "o_proj") \
+            else self.layers[layer].mlp
+        for linear in (m for m in block.modules() if isinstance(m, Linear)):
+            if module in linear.slices:
+                col, width = linear.slices[module]
+                return linear.weight[col:col + width]
+        raise KeyError(f"no module {module!r} in layer {layer}")
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]
@@ -131,7 +148,10 @@ class LlamaModel(nn.Module):
         return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
     def embed(self, meta: BatchMeta) -> torch.Tensor:
-        return self.embed_tokens(meta.input_ids)
+        h = self.embed_tokens(meta.input_ids)
+        for hook in self.embed_hooks:
+            hook(h, meta)
+        return h
 
     @torch.inference_mode()
     def forward(self, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
@@ -141,8 +161,4 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin, meta, kv)
         h = self.norm(h[meta.sample_index])
-        if self.lm_head is None:
-            logits = F.linear(h, self.embed_tokens.weight)
-        else:
-            logits = self.lm_head(h, meta)
-        return logits.float()
+        return self.lm_head(h, meta).float()

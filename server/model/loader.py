@@ -59,7 +59,7 @@ def _target(model: LlamaModel, name: str) -> tuple[str | None, tuple[int, int] |
     if name == "model.norm.weight":
         return "norm.weight", None
     if name == "lm_head.weight":
-        return (None, None) if model.lm_head is None else ("lm_head.weight", None)
+        return (None, None) if model.spec.tie_word_embeddings else ("lm_head.weight", None)
     m = re.match(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$", name)
     if m:
         return f"layers.{m[1]}.{m[2]}.weight", None
