@@ -215,7 +215,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: Exception) -> Response:
         error = to_api_error(exc)
         if error.status >= 500:         # an unexpected exception's traceback is logged by the server
-            log.error("%s %s failed: %s", request.method, request.url.path, exc)
+            log.log(logging.ERROR if error.status == 500 else logging.WARNING, "%s %s failed: %s",
+                    request.method, request.url.path, exc)
         return error.response()
 
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:

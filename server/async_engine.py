@@ -95,8 +95,13 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     def stats(self) -> dict:
-        """The engine's stats as of its last iteration (safe to call from any thread)."""
-        return self._stats
+        """The engine's stats as of its last iteration (safe to call from any thread); `num_waiting` also
+        counts requests not yet handed to the engine."""
+        with self._cond:
+            return {**self._stats, "num_waiting": self._num_waiting_locked()}
+
+    def _num_waiting_locked(self) -> int:
+        return self._stats.get("num_waiting", 0) + self._num_queued_adds
 
     # --- requests --------------------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
@@ -113,7 +118,7 @@ class AsyncEngine:
                 raise EngineShutdown("engine is not running")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            num_waiting = self._stats.get("num_waiting", 0) + self._num_queued_adds
+            num_waiting = self._num_waiting_locked()
             if num_waiting >= self.max_waiting:
                 raise EngineOverloaded(f"server overloaded: {num_waiting} requests waiting "
                                        f"(max_waiting={self.max_waiting}); retry later")

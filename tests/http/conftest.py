@@ -49,14 +49,16 @@ class ServerThread:
 
 
 class GatedEngine:
-    """An LLMEngine whose step() can be held (`gate.clear()`) or made to raise once (`fail_next = True`)."""
+    """An LLMEngine whose step() can be held (`gate.clear()`), slowed (`step_delay` seconds), or made to raise
+    once (`fail_in_steps = n`: the n-th step from now raises)."""
 
     def __init__(self, engine: LLMEngine):
         self._engine = engine
         self.gate = threading.Event()
         self.gate.set()
         self.in_step = threading.Event()
-        self.fail_next = False
+        self.fail_in_steps: int | None = None
+        self.step_delay = 0.0
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -65,9 +67,12 @@ class GatedEngine:
         self.in_step.set()
         try:
             self.gate.wait()
-            if self.fail_next:
-                self.fail_next = False
-                raise RuntimeError("injected step failure")
+            time.sleep(self.step_delay)
+            if self.fail_in_steps is not None:
+                self.fail_in_steps -= 1
+                if self.fail_in_steps == 0:
+                    self.fail_in_steps = None
+                    raise RuntimeError("injected step failure")
             return self._engine.step()
         finally:
             self.in_step.clear()
@@ -80,7 +85,8 @@ class Served:
     async_engine: AsyncEngine
 
     def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+        kwargs.setdefault("timeout", 30)
+        return httpx.Client(base_url=self.url, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -149,3 +155,11 @@ def metric_value(text: str, name: str, labels: str = "") -> float | None:
         if line.startswith(prefix):
             return float(line[len(prefix):])
     return None
+
+
+def pytest_collection_modifyitems(items):
+    """An exception in a test's helper thread fails that test instead of only warning."""
+    strict = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+    for item in items:
+        if "tests/http/" in item.nodeid:
+            item.add_marker(strict)
