@@ -71,3 +71,20 @@ def test_no_max_tokens_fills_the_context(client, server):
     assert response.status_code == 200
     assert usage["prompt_tokens"] + usage["completion_tokens"] == server.engine.max_model_len
     assert response.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_no_chat_template_is_400(demo_dir):
+    from tests.http.conftest import make_engine, serve
+    engine = make_engine(demo_dir)
+    engine.tokenizer.chat_template = None
+    thread, served = serve(engine)
+    try:
+        with served.client() as http:
+            response = http.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": MESSAGES})
+            assert response.status_code == 400
+            assert response.json()["error"]["param"] == "messages"
+            assert "chat template" in response.json()["error"]["message"]
+            completion = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 1})
+            assert completion.status_code == 200
+    finally:
+        thread.stop()

@@ -64,6 +64,7 @@ def test_unknown_model_is_404(client, openai_client):
     ({"prompt": [10 ** 6]}, "prompt"),                                   # token id outside the vocabulary
     ({"echo": True, "logprobs": 1}, "echo"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),     # only with stream=true
 ])
 def test_bad_parameter_is_400_with_param(client, fields, param):
     assert_error(client.post("/v1/completions", json=completion(**fields)), 400, param)
@@ -77,6 +78,10 @@ def test_bad_parameter_via_openai_client(openai_client, client):
     with pytest.raises(openai.BadRequestError) as caught:
         openai_client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "x"}],
                                               logprobs=True, top_logprobs=21)
+    assert caught.value.param == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "x"}],
+                                              top_logprobs=2)
     assert caught.value.param == "top_logprobs"
     assert_serving(client)
 

@@ -1,0 +1,129 @@
+"""The `peftserve` console script: `peftserve serve [--model DIR] [--port 8000] ...`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+from server.config import DTYPES, EngineConfig
+from server.demo import default_cache_dir
+
+log = logging.getLogger("peftserve")
+
+
+@dataclass
+class ServeOptions:
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    adapters: dict[str, str] = field(default_factory=dict)     # name -> path, in flag order
+    is_demo: bool = False                                      # engine.model is the demo model's cache dir
+    log_level: str = "info"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftserve", description="Multi-adapter LLM inference server")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--model", help="HF model directory (default: the built-in demo model, random weights)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--dtype", choices=DTYPES, default="auto")
+    serve.add_argument("--served-model-name", help="model name clients use (default: the directory name)")
+    serve.add_argument("--kv-cache-memory", default="2GiB", help="bytes (512MiB, 2GiB) or a fraction of RAM (0.25)")
+    serve.add_argument("--max-num-seqs", type=_positive_int, default=64, help="sequences per step")
+    serve.add_argument("--max-model-len", type=_positive_int, help="prompt + output tokens")
+    serve.add_argument("--max-waiting", type=_positive_int, default=1024,
+                       help="queued requests beyond this get HTTP 503")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", type=_adapter,
+                       help="an adapter to serve as model NAME (repeatable)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def parse_serve_options(argv: list[str] | None = None) -> ServeOptions:
+    """Parse `peftserve serve ...`; bad flags exit with an argparse message (status 2), never a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    adapters: dict[str, str] = {}
+    for name, path in args.adapter:
+        if name in adapters:
+            parser.error(f"--adapter {name} is given twice")
+        adapters[name] = path
+    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
+        parser.error(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
+    try:
+        engine = EngineConfig(model=args.model or str(default_cache_dir()),
+                              served_model_name=args.served_model_name, dtype=args.dtype,
+                              kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                              max_model_len=args.max_model_len, max_waiting=args.max_waiting)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return ServeOptions(engine, args.host, args.port, args.api_key, adapters, is_demo=args.model is None,
+                        log_level=args.log_level)
+
+
+def serve(options: ServeOptions) -> None:
+    import uvicorn
+
+    from server.api import build_app
+    from server.async_engine import AsyncEngine
+    from server.demo import ensure_demo_model
+    from server.engine import LLMEngine
+
+    config = options.engine
+    if options.is_demo:
+        log.warning("no --model given: serving the demo model from %s (built on first use); its weights are "
+                    "random, so its text is gibberish", config.model)
+        ensure_demo_model(config.model)
+    if options.adapters:
+        log.warning("--adapter is parsed but adapters are not served yet: %s", ", ".join(options.adapters))
+    engine = LLMEngine(config)
+    log.info("serving %r (max_model_len=%d) on http://%s:%d/v1", engine.model_name, engine.max_model_len,
+             options.host, options.port)
+    app = build_app(AsyncEngine(engine), api_key=options.api_key)
+    uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_serve_options(argv)
+    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        serve(options)
+    except (OSError, ValueError) as exc:         # unreadable model, KV cache too small for max_model_len, ...
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port must be <= 65535, got {value}")
+    return value
+
+
+def _adapter(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
