@@ -27,6 +27,7 @@ class LinearLora:
         self.b: dict[str, torch.Tensor] = {}
         self.g: dict[str, torch.Tensor] = {}
         self.dora_slots: set[int] = set()
+        self.num_slots = 0       # every stack of this linear has this many slots
 
     @property
     def is_empty(self) -> bool:
@@ -36,10 +37,13 @@ class LinearLora:
         """Install adapter `modules` ({hf_name: LoraModule}) into `slot`, clearing whatever was there."""
         self.clear_slot(slot)
         w = self.linear.weight
+        self.num_slots = max(self.num_slots, slot + 1)
+        for name in self.a:                                 # segments may name any installed slot
+            self._ensure(name, self.num_slots, 0, self.linear.slices[name][1])
         for name, mod in modules.items():
             _, width = self.linear.slices[name]
             rank = mod.lora_a.shape[0]
-            self._ensure(name, slot + 1, rank, width)
+            self._ensure(name, self.num_slots, rank, width)
             self.a[name][slot, :rank] = mod.lora_a.to(w.dtype)
             self.b[name][slot, :, :rank] = mod.lora_b.to(w.dtype)
             if mod.dora_scale is not None:
@@ -103,14 +107,17 @@ class EmbeddingLora:
     def __init__(self):
         self.a: dict[int, torch.Tensor] = {}       # slot -> [vocab, r]
         self.b: dict[int, torch.Tensor] = {}       # slot -> [hidden, r], scaling folded
+        self.g: dict[int, torch.Tensor] = {}       # slot -> [hidden], DoRA adapters only
 
     def set_slot(self, slot: int, emb, dtype: torch.dtype) -> None:
         self.a[slot] = emb.lora_a.to(dtype)
         self.b[slot] = emb.lora_b.to(dtype)
+        if emb.dora_scale is not None:
+            self.g[slot] = emb.dora_scale.to(dtype)
 
     def clear_slot(self, slot: int) -> None:
-        self.a.pop(slot, None)
-        self.b.pop(slot, None)
+        for table in (self.a, self.b, self.g):
+            table.pop(slot, None)
 
     def __call__(self, h: torch.Tensor, meta) -> None:
         view = meta.adapters.get("lora")
@@ -120,6 +127,8 @@ class EmbeddingLora:
         for start, n, slot in zip(seg.start_list, seg.len_list, seg.slot_list):
             if n and slot in self.a:
                 ids = meta.input_ids[start:start + n]
+                if slot in self.g:
+                    h[start:start + n] *= self.g[slot]
                 h[start:start + n] += self.a[slot][ids] @ self.b[slot].T
 
 

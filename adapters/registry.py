@@ -8,9 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 
-
-class AdapterError(ValueError):
-    """A bad adapter checkpoint or request about adapters (the HTTP layer turns it into a 400)."""
+from adapters.config import AdapterError, detect_kind
 
 
 class AdapterNotFound(KeyError):
@@ -55,7 +53,6 @@ class AdapterRegistry:
         if not 0 <= drop_layers <= self.num_layers:
             raise AdapterError(f"adapter_drop must be in [0, {self.num_layers}], got {drop_layers}")
         path = os.path.abspath(path)
-        from adapters.config import detect_kind
         kind = detect_kind(path)
         if kind not in self.loaders:
             raise AdapterError(f"{path}: adapter kind {kind!r} is not served yet")
