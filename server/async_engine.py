@@ -59,7 +59,7 @@ class AsyncEngine:
         self.max_waiting = max_waiting if max_waiting is not None else engine.config.max_waiting
         self._cond = threading.Condition()
         self._commands: list[_Add | _Abort] = []       # guarded by _cond
-        self._num_queued_adds = 0                     # adds in _commands; guarded by _cond
+        self._num_queued_adds = 0                     # adds not yet in the engine's stats; guarded by _cond
         self._streams: dict[str, _Stream] = {}        # guarded by _cond
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -160,10 +160,11 @@ class AsyncEngine:
                 if self._stopping:
                     return
                 commands, self._commands = self._commands, []
-                self._num_queued_adds = 0
             paused_after_error = paused_after_error and not commands
             for command in commands:
                 self._apply(command)
+            # the applied adds now show in the engine's own num_waiting
+            self._publish_stats(num_applied_adds=sum(isinstance(c, _Add) for c in commands))
             if self.engine.has_unfinished() and not paused_after_error:
                 try:
                     self._route(self.engine.step())
@@ -171,10 +172,17 @@ class AsyncEngine:
                     log.exception("engine step failed; failing the requests in flight")
                     self._fail_all(exc)
                     paused_after_error = True
-            try:
-                self._stats = dict(self.engine.stats())
-            except Exception:
-                log.exception("engine.stats() failed")
+                self._publish_stats()
+
+    def _publish_stats(self, num_applied_adds: int = 0) -> None:
+        try:
+            stats = dict(self.engine.stats())
+        except Exception:
+            log.exception("engine.stats() failed")
+            stats = self._stats
+        with self._cond:
+            self._stats = stats
+            self._num_queued_adds -= num_applied_adds
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):

@@ -120,24 +120,30 @@ def test_api_key_required_on_inference_routes(gated_server):
 def test_overload_is_503_then_recovers(gated_server):
     engine = gated_server.engine
     results: list[httpx.Response] = []
+    threads: list[threading.Thread] = []
 
-    def post():
-        with gated_server.client() as http:
-            results.append(http.post("/v1/completions", json=completion(max_tokens=3), headers=AUTH))
+    def post_in_background():
+        def post():
+            with gated_server.client() as http:
+                results.append(http.post("/v1/completions", json=completion(max_tokens=3), headers=AUTH))
+        threads.append(threading.Thread(target=post))
+        threads[-1].start()
 
     engine.gate.clear()
     try:
-        threads = [threading.Thread(target=post)]
-        threads[0].start()
-        assert engine.in_step.wait(10)          # the first request is inside the held step
-        for _ in range(2):                      # these two wait: max_waiting=2 reached
-            threads.append(threading.Thread(target=post))
-            threads[-1].start()
         with gated_server.client() as http:
-            deadline = time.monotonic() + 10
-            while metric_value(http.get("/metrics").text, "peftserve_num_requests_waiting") != 2:
-                assert time.monotonic() < deadline, "the two requests never queued"
-                time.sleep(0.01)
+            def num_waiting():
+                return metric_value(http.get("/metrics").text, "peftserve_num_requests_waiting")
+
+            post_in_background()
+            assert engine.in_step.wait(10)          # the engine thread is stuck in a step
+            while num_waiting() < 2:                # fill the queue up to max_waiting=2
+                before = num_waiting()
+                post_in_background()
+                deadline = time.monotonic() + 10
+                while num_waiting() == before:
+                    assert time.monotonic() < deadline, "request never queued"
+                    time.sleep(0.01)
             assert_error(http.post("/v1/completions", json=completion(), headers=AUTH), 503, code="overloaded")
             assert_error(http.post("/v1/chat/completions", headers=AUTH, json={
                 "model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}], "stream": True}),
@@ -147,7 +153,7 @@ def test_overload_is_503_then_recovers(gated_server):
         engine.gate.set()
     for thread in threads:
         thread.join(30)
-    assert [r.status_code for r in results] == [200, 200, 200]
+    assert [r.status_code for r in results] == [200] * len(threads)
     with gated_server.client() as http:
         assert_serving(http, headers=AUTH)
 
