@@ -38,11 +38,18 @@ ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/
 CLIENT_CLOSED = 499              # nginx's status for "client closed request"; nobody receives it
 
 
-def resolve_model(name: str, base_name: str) -> str | None:
-    """The adapter a request's `model` field names, or None for the base model; ModelNotFound otherwise."""
-    if name == base_name:
+def resolve_model(name: str, base_name: str, adapters, adapter_id: str | None = None) -> str | None:
+    """The adapter a request names, or None for the base model; ModelNotFound otherwise.
+
+    vLLM convention: `model` is the base model's name or an adapter's. LoRAX's `adapter_id`, when given,
+    names the adapter whatever `model` says. `adapters` is the engine's registry (read-only here; the
+    engine checks again when the request arrives, in case the adapter was unloaded meanwhile)."""
+    wanted = adapter_id or name
+    if adapter_id is None and name == base_name:
         return None
-    raise ModelNotFound(name, [base_name])
+    if wanted in adapters:
+        return wanted
+    raise ModelNotFound(wanted, [base_name, *sorted(adapters.handles)])
 
 
 class _Serving:
@@ -55,13 +62,18 @@ class _Serving:
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
+        self.adapters = engine.adapters
         self.metrics = metrics
 
+    def resolve(self, body) -> str | None:
+        return resolve_model(body.model, self.model_name, self.adapters, body.adapter_id)
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, adapter_drop: int | None = None) -> AsyncIterator[RequestOutput]:
         start = time.monotonic()
         waiting_for_first = True
-        async with aclosing(self.async_engine.generate(prompt_ids, params, adapter, request_id)) as outputs:
+        generation = self.async_engine.generate(prompt_ids, params, adapter, request_id, adapter_drop)
+        async with aclosing(generation) as outputs:
             async for out in outputs:
                 if waiting_for_first and out.num_output_tokens:
                     waiting_for_first = False
@@ -93,7 +105,7 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None) -> FastA
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        adapter = resolve_model(body.model, serving.model_name)
+        adapter = serving.resolve(body)
         prompt = body.single_prompt()
         params = body.sampling_params()
         prompt_ids = prompt if isinstance(prompt, list) else serving.tokenizer.encode(prompt)
@@ -101,22 +113,25 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None) -> FastA
         request_id = new_id("cmpl")
         formatter = CompletionFormatter(serving.tokenizer, request_id, body.model, echo_text=echo_text,
                                         include_usage=body.include_usage)
-        outputs = serving.generate(prompt_ids, params, adapter, request_id)
+        outputs = serving.generate(prompt_ids, params, adapter, request_id, body.adapter_drop)
         return await _respond(request, outputs, formatter, body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        adapter = resolve_model(body.model, serving.model_name)
+        adapter = serving.resolve(body)
         prompt_ids = _chat_prompt_ids(serving.tokenizer, body)
         params = body.sampling_params(len(prompt_ids), serving.max_model_len)
         request_id = new_id("chatcmpl")
         formatter = ChatFormatter(serving.tokenizer, request_id, body.model, include_usage=body.include_usage)
-        outputs = serving.generate(prompt_ids, params, adapter, request_id)
+        outputs = serving.generate(prompt_ids, params, adapter, request_id, body.adapter_drop)
         return await _respond(request, outputs, formatter, body.stream)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=serving.model_name, max_model_len=serving.max_model_len)])
+        cards = [ModelCard(id=serving.model_name, max_model_len=serving.max_model_len)]
+        cards += [ModelCard(id=name, parent=serving.model_name, root=handle.path, max_model_len=serving.max_model_len)
+                  for name, handle in sorted(serving.adapters.handles.items())]
+        return ModelList(data=cards)
 
     @app.get("/health")
     async def health():

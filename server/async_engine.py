@@ -37,6 +37,7 @@ class _Add:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None
+    adapter_drop: int | None = None
 
 
 @dataclass
@@ -105,7 +106,8 @@ class AsyncEngine:
 
     # --- requests --------------------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None,
+                       adapter_drop: int | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's output deltas until the one with `finished=True`.
 
         Raises the engine's error for a request it rejects (ParamError, ValueError), EngineOverloaded,
@@ -123,7 +125,7 @@ class AsyncEngine:
                 raise EngineOverloaded(f"server overloaded: {num_waiting} requests waiting "
                                        f"(max_waiting={self.max_waiting}); retry later")
             self._streams[request_id] = stream
-            self._commands.append(_Add(request_id, list(prompt_ids), params, adapter))
+            self._commands.append(_Add(request_id, list(prompt_ids), params, adapter, adapter_drop))
             self._num_queued_adds += 1
             self._cond.notify()
         finished = False
@@ -189,7 +191,8 @@ class AsyncEngine:
             self._abort_in_engine(command.request_id)
             return
         try:
-            self.engine.add_request(command.request_id, command.prompt_ids, command.params, command.adapter)
+            self.engine.add_request(command.request_id, command.prompt_ids, command.params, command.adapter,
+                                    command.adapter_drop)
             self._in_engine.add(command.request_id)
         except Exception as exc:        # rejected (e.g. prompt too long): the caller sees this exception
             with self._cond:

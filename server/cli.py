@@ -19,7 +19,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    adapters: dict[str, str] = field(default_factory=dict)     # name -> path, in flag order
+    adapters: dict[str, tuple[str, int]] = field(default_factory=dict)   # name -> (path, adapter_drop)
     is_demo: bool = False                                      # engine.model is the demo model's cache dir
     log_level: str = "info"
 
@@ -50,11 +50,11 @@ def parse_serve_options(argv: list[str] | None = None) -> ServeOptions:
     """Parse `peftserve serve ...`; bad flags exit with an argparse message (status 2), never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    adapters: dict[str, str] = {}
-    for name, path in args.adapter:
+    adapters: dict[str, tuple[str, int]] = {}
+    for name, source in args.adapter:
         if name in adapters:
             parser.error(f"--adapter {name} is given twice")
-        adapters[name] = path
+        adapters[name] = source
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
         parser.error(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
     try:
@@ -81,9 +81,10 @@ def serve(options: ServeOptions) -> None:
         log.warning("no --model given: serving the demo model from %s (built on first use); its weights are "
                     "random, so its text is gibberish", config.model)
         ensure_demo_model(config.model)
-    if options.adapters:
-        log.warning("--adapter is parsed but adapters are not served yet: %s", ", ".join(options.adapters))
     engine = LLMEngine(config)
+    for name, (path, drop) in options.adapters.items():
+        handle = engine.adapters.load(name, path, drop_layers=drop)
+        log.info("adapter %r (%s, %.1f MB) from %s", name, handle.kind, handle.num_bytes / 1e6, handle.path)
     log.info("serving %r (max_model_len=%d) on http://%s:%d/v1", engine.model_name, engine.max_model_len,
              options.host, options.port)
     app = build_app(AsyncEngine(engine), api_key=options.api_key)
@@ -118,11 +119,17 @@ def _port(text: str) -> int:
     return value
 
 
-def _adapter(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
+def _adapter(text: str) -> tuple[str, tuple[str, int]]:
+    """NAME=PATH or NAME=PATH,adapter_drop=K (K: skip the adapter in layers below K by default)."""
+    name, sep, rest = text.partition("=")
+    path, _, option = rest.partition(",adapter_drop=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, path
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH[,adapter_drop=K], got {text!r}")
+    try:
+        drop = int(option) if option else 0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"adapter_drop must be an integer, got {option!r}") from None
+    return name, (path, drop)
 
 
 if __name__ == "__main__":

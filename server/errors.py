@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
+from adapters.config import AdapterError
+from adapters.registry import AdapterNotFound
 from server.async_engine import EngineOverloaded, EngineShutdown, RequestFailed
 from server.sampling import ParamError
 
@@ -52,6 +54,11 @@ def to_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, ParamError):
         return APIError(400, str(exc), param=exc.param)
+    if isinstance(exc, AdapterNotFound):
+        return APIError(404, f"The model {exc.args[0]!r} does not exist (no such adapter)", param="model",
+                        code="model_not_found")
+    if isinstance(exc, AdapterError):
+        return APIError(400, str(exc), code="invalid_adapter")
     if isinstance(exc, EngineOverloaded):
         return APIError(503, str(exc), code="overloaded")
     if isinstance(exc, EngineShutdown):

@@ -35,6 +35,8 @@ class _GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False                      # extension
+    adapter_id: str | None = None                 # extension (LoRAX): the adapter, whatever `model` says
+    adapter_drop: int | None = Field(default=None, ge=0)   # extension: skip the adapter in layers below this
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -251,6 +253,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "peftserve"
     parent: str | None = None
+    root: str | None = None
     max_model_len: int | None = None
 
 

@@ -74,7 +74,7 @@ class ModelSpec:
             rope_attention_scaling=attn_scaling,
             bos_token_id=getattr(cfg, "bos_token_id", None),
             eos_token_ids=eos_ids,
-            torch_dtype=str(getattr(cfg, "torch_dtype", None) or getattr(cfg, "dtype", None) or "") or None,
+            torch_dtype=str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "") or None,
         )
 
 

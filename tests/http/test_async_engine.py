@@ -23,7 +23,7 @@ class FakeEngine:
         self.fail_next = False
         self.num_steps = 0
 
-    def add_request(self, request_id, prompt_ids, params, adapter=None):
+    def add_request(self, request_id, prompt_ids, params, adapter=None, adapter_drop=None):
         self.thread_ids.add(threading.get_ident())
         if len(prompt_ids) >= self.max_len:
             raise ParamError("prompt too long", "prompt")

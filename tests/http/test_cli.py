@@ -32,11 +32,11 @@ def test_all_flags(demo_dir):
     options = parse_serve_options([
         "serve", "--model", demo_dir, "--host", "0.0.0.0", "--port", "9000", "--dtype", "bfloat16",
         "--served-model-name", "base", "--kv-cache-memory", "512MiB", "--max-num-seqs", "8",
-        "--max-model-len", "256", "--adapter", "a=/ckpt/a", "--adapter", "b=/ckpt/b=2", "--api-key", "k"])
+        "--max-model-len", "256", "--adapter", "a=/ckpt/a", "--adapter", "b=/ckpt/b=2,adapter_drop=3", "--api-key", "k"])
     engine = options.engine
     assert (engine.model, engine.served_model_name, engine.dtype) == (demo_dir, "base", "bfloat16")
     assert (engine.kv_cache_bytes, engine.max_num_seqs, engine.max_model_len) == (512 * 2**20, 8, 256)
-    assert options.adapters == {"a": "/ckpt/a", "b": "/ckpt/b=2"}
+    assert options.adapters == {"a": ("/ckpt/a", 0), "b": ("/ckpt/b=2", 3)}
     assert (options.host, options.port, options.api_key, options.is_demo) == ("0.0.0.0", 9000, "k", False)
 
 
