@@ -1,13 +1,19 @@
-"""CPU SGMV (kernels/cpu.py) vs the base matmul it rides on, for realistic LoRA shapes.
+"""What LoRA adds to the linear layers of a model on CPU (kernels/cpu.py), for realistic shapes.
 
-    python -m bench.sgmv [--dtype float32] [--rank 16] [--repeats 40] [--quick]
+    python -m bench.sgmv [--dtype float32] [--rank 16] [--repeats 30] [--quick]
 
-For each (token layout, H_out): the base `x @ W.T` (W [H_out, H_in]) and one LoRA delta on the same x:
-`y = sgmv_shrink(x, A); sgmv_expand(y, B, out)` through `kernels` (the auto-picked CPU path), plus the
-two CPU strategies forced (one matmul per segment "loop"; gathered weights + `bmm` "batched") and the naive
-per-token gather ("per_token": A[slot of each token], B[slot of each token], bmm; decode only) for context. Variants are
-timed round-robin within a point so machine noise hits them alike; medians in ms. One JSON line per point,
-then a markdown table. H_in = 1024; H_out 1024 (q/o), 512 (k/v), 2816 and 5632 (down/up, fused gate_up).
+For each (token layout, H_out), a stack of NUM_LAYERS linear layers run back to back as in one model step
+(each layer its own W and its own 64-slot LoRA stacks, so weights stream from memory as they do in a real
+model), first base only, `out = x @ W.T` (W [H_out, H_in]), then with a LoRA delta added into each `out`:
+  ours       `sgmv_expand(sgmv_shrink(x, A, seg), B, seg, out)` through `kernels` (the auto-picked path)
+  loop       the CPU path forced to one matmul per segment
+  batched    the CPU path forced to gathered weights + `bmm` for the short segments
+  per_token  the naive way, A and B gathered for every token, then bmm (decode layouts only)
+LoRA overhead = (stack with LoRA - base stack) / base stack. Timing whole stacks, not LoRA ops alone, keeps
+threads, caches and the interpreter as warm or cold as in a real step (tiny ops on this VM cost 3x more after
+an idle gap or a cache flush). Variants run interleaved, their order rotated each round; per-layer medians in
+ms. One JSON line per point, then a markdown table and a summary. H_in = 1024; H_out 1024 (q/o), 512 (k/v),
+2816 (gate or up), 5632 (fused gate_up); every segment has its own adapter (the worst case).
 """
 from __future__ import annotations
 
@@ -26,10 +32,12 @@ from kernels import SegmentMeta, cpu
 H_IN = 1024
 H_OUTS = (1024, 512, 2816, 5632)
 NUM_SLOTS = 64
+NUM_LAYERS = 8  # distinct weight sets per point: > L3 (32 MiB on the EPYC VM this was tuned on) at every H_out
+STRATEGIES = ("ours", "loop", "batched", "per_token")
 
 
 def layouts() -> dict[str, list[int | None]]:
-    """Per-token adapter slots; every segment has its own adapter (the worst case for grouping)."""
+    """Per-token adapter slots (None: base model only)."""
     return {
         "decode T=64 1 seg": [0] * 64,
         "decode T=64 8 segs": [s for s in range(8) for _ in range(8)],
@@ -39,16 +47,15 @@ def layouts() -> dict[str, list[int | None]]:
     }
 
 
-def per_token(x, lora_a, lora_b, out, token_slots: torch.Tensor, rows: torch.Tensor):
+def per_token(x, lora_a, lora_b, seg: SegmentMeta, out):
     """The naive way: gather each token's own A and B, batch over tokens."""
-    xs = x.index_select(0, rows).unsqueeze(1)  # [n, 1, H_in]
-    y = torch.bmm(xs, lora_a.index_select(0, token_slots).transpose(1, 2))  # [n, 1, R]
-    delta = torch.bmm(y, lora_b.index_select(0, token_slots).transpose(1, 2)).squeeze(1)
-    out.index_add_(0, rows, delta)
+    rows, slots = seg.derived["per_token"]
+    y = torch.bmm(x.index_select(0, rows).unsqueeze(1), lora_a.index_select(0, slots).transpose(1, 2))
+    out.index_add_(0, rows, torch.bmm(y, lora_b.index_select(0, slots).transpose(1, 2)).squeeze(1))
 
 
 def forced(max_gather_bytes: int):
-    """Run the CPU path with the loop-vs-batched threshold pinned (0: always loop; huge: batch when short)."""
+    """The CPU path with the loop-vs-batched threshold pinned (0: always loop; huge: batch when short)."""
     def run(x, lora_a, lora_b, seg, out):
         saved, cpu.MAX_GATHER_BYTES = cpu.MAX_GATHER_BYTES, max_gather_bytes
         try:
@@ -58,23 +65,57 @@ def forced(max_gather_bytes: int):
     return run
 
 
-def time_point(fns: dict, repeats: int) -> dict[str, float]:
-    """Median ms of each fn, interleaved round-robin after 3 warm-up rounds."""
+LORA = {
+    "ours": lambda x, a, b, seg, out: kernels.sgmv_expand(kernels.sgmv_shrink(x, a, seg), b, seg, out),
+    "loop": forced(0),
+    "batched": forced(1 << 62),
+    "per_token": per_token,
+}
+
+
+def time_point(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """ms of each fn per round after 3 warm-up rounds; the order of the fns rotates every round."""
     times = {name: [] for name in fns}
+    names = list(fns)
     for i in range(repeats + 3):
-        for name, fn in fns.items():
+        for name in names[i % len(names):] + names[:i % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             if i >= 3:
                 times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def bench_point(name, token_slots, h_out, rank, dtype, repeats, gen) -> dict:
+    seg = SegmentMeta.from_token_slots(token_slots)
+    in_seg = [i for i, s in enumerate(token_slots) if s is not None]
+    seg.derived["per_token"] = (torch.tensor(in_seg), torch.tensor([token_slots[i] for i in in_seg]))
+    x = torch.randn(seg.num_tokens, H_IN, generator=gen).to(dtype)
+    layers = [((torch.randn(h_out, H_IN, generator=gen) / H_IN ** 0.5).to(dtype),
+               (torch.randn(NUM_SLOTS, rank, H_IN, generator=gen) / H_IN ** 0.5).to(dtype),
+               (torch.randn(NUM_SLOTS, h_out, rank, generator=gen) / rank ** 0.5).to(dtype))
+              for _ in range(NUM_LAYERS)]
+
+    def stack(lora):
+        for w, lora_a, lora_b in layers:
+            out = x @ w.T
+            if lora is not None:
+                lora(x, lora_a, lora_b, seg, out)
+
+    strategies = [s for s in STRATEGIES if s != "per_token" or seg.num_tokens <= 64]  # it copies T x [H_out, R]
+    fns = {"base": lambda: stack(None), **{s: (lambda s=s: stack(LORA[s])) for s in strategies}}
+    ms = {k: statistics.median(v) / NUM_LAYERS for k, v in time_point(fns, repeats).items()}
+    return {"layout": name, "num_tokens": seg.num_tokens, "num_segments": seg.num_segments, "h_in": H_IN,
+            "h_out": h_out, "rank": rank, "dtype": str(dtype).removeprefix("torch."),
+            **{f"{k}_ms": round(v, 4) for k, v in ms.items()},
+            **{f"{s}_overhead_pct": round(100 * (ms[s] - ms["base"]) / ms["base"], 1) for s in strategies}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=40, help="timed rounds per point (prefill: a quarter)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds per point (prefill: a quarter)")
     parser.add_argument("--quick", action="store_true", help="H_out 1024 only, 5 rounds")
     args = parser.parse_args()
     dtype, rank = getattr(torch, args.dtype), args.rank
@@ -82,44 +123,21 @@ def main() -> None:
     print(f"# {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.dtype}, R={rank}, H_in={H_IN}", flush=True)
     gen = torch.Generator().manual_seed(0)
-    lora_a = (torch.randn(NUM_SLOTS, rank, H_IN, generator=gen) / H_IN ** 0.5).to(dtype)
-    rows_out = []
+    records = []
     for name, token_slots in layouts().items():
-        seg = SegmentMeta.from_token_slots(token_slots)
-        x = torch.randn(seg.num_tokens, H_IN, generator=gen).to(dtype)
-        in_seg = [i for i, s in enumerate(token_slots) if s is not None]
-        rows = torch.tensor(in_seg)
-        slots_of_rows = torch.tensor([token_slots[i] for i in in_seg])
         for h_out in h_outs:
-            w = (torch.randn(h_out, H_IN, generator=gen) / H_IN ** 0.5).to(dtype)
-            lora_b = (torch.randn(NUM_SLOTS, h_out, rank, generator=gen) / rank ** 0.5).to(dtype)
-            out = torch.zeros(seg.num_tokens, h_out, dtype=dtype)
-            y = kernels.sgmv_shrink(x, lora_a, seg)
-            fns = {
-                "base": lambda: x @ w.T,
-                "lora": lambda: kernels.sgmv_expand(kernels.sgmv_shrink(x, lora_a, seg), lora_b, seg, out),
-                "shrink": lambda: kernels.sgmv_shrink(x, lora_a, seg),
-                "expand": lambda: kernels.sgmv_expand(y, lora_b, seg, out),
-                "loop": lambda: forced(0)(x, lora_a, lora_b, seg, out),
-                "batched": lambda: forced(1 << 62)(x, lora_a, lora_b, seg, out),
-            }
-            if seg.num_tokens <= 64:  # it copies [T, H_out, R] weights: hopeless for prefill
-                fns["per_token"] = lambda: per_token(x, lora_a, lora_b, out, slots_of_rows, rows)
-            ms = time_point(fns, max(3, repeats // 4) if seg.num_tokens > 512 else repeats)
-            record = {"layout": name, "num_tokens": seg.num_tokens, "num_segments": seg.num_segments,
-                      "h_in": H_IN, "h_out": h_out, "rank": rank, "dtype": args.dtype,
-                      **{f"{k}_ms": round(v, 4) for k, v in ms.items()},
-                      "lora_pct_of_base": round(100 * ms["lora"] / ms["base"], 1)}
-            print(json.dumps(record), flush=True)
-            rows_out.append(record)
-    print("\n| layout | H_out | base ms | ours ms (shrink+expand) | % of base | loop ms | batched ms | per-token ms |")
+            rounds = max(3, repeats // 4) if len(token_slots) > 512 else repeats
+            records.append(bench_point(name, token_slots, h_out, rank, dtype, rounds, gen))
+            print(json.dumps(records[-1]), flush=True)
+    print("\n| layout | H_out | base ms/layer | with LoRA (ours) | overhead: ours | loop | batched | per-token |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in rows_out:
-        print(f"| {r['layout']} | {r['h_out']} | {r['base_ms']:.3f} | {r['lora_ms']:.3f} | {r['lora_pct_of_base']}% "
-              f"| {r['loop_ms']:.3f} | {r['batched_ms']:.3f} | {r.get('per_token_ms', '-')} |")
-    pct = [r["lora_pct_of_base"] for r in rows_out]
-    print(f"\nsummary: LoRA delta (R={rank}) costs {min(pct)}-{max(pct)}% of the base matmul, "
-          f"median {statistics.median(pct)}% over {len(pct)} points", flush=True)
+    for r in records:
+        pct = [f"{r[f'{s}_overhead_pct']}%" if f"{s}_overhead_pct" in r else "-" for s in STRATEGIES]
+        print(f"| {r['layout']} | {r['h_out']} | {r['base_ms']:.3f} | {r['ours_ms']:.3f} | {' | '.join(pct)} |")
+    ours = [r["ours_overhead_pct"] for r in records]
+    print(f"\nsummary: LoRA (R={rank}, shrink+expand, {args.dtype}) adds {min(ours)}% to {max(ours)}% to the base "
+          f"matmul, median {statistics.median(ours)}% over {len(ours)} points (medians of {repeats} rounds)",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ appear in several segments (e.g. decode tokens of different sequences using one 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -40,7 +41,7 @@ class SegmentMeta:
     def num_segments(self) -> int:
         return len(self.start_list)
 
-    @property
+    @functools.cached_property
     def max_slot(self) -> int | None:
         return max(self.slot_list, default=None)
 

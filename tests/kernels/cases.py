@@ -16,7 +16,8 @@ TOL = {
     torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
 }
 
-LAYOUTS = ("distinct", "distinct_base", "uniform", "zipf", "identical", "skewed", "empty", "base_interleaved", "repeated_slot")
+LAYOUTS = ("distinct", "distinct_base", "uniform", "zipf", "identical", "skewed", "empty", "base_interleaved",
+           "repeated_slot")
 
 
 def segment_layout(kind: str, num_tokens: int, num_slots: int, seed: int = SEED) -> SegmentMeta:

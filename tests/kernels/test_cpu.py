@@ -82,6 +82,7 @@ def test_plan_worked_example(monkeypatch):
     seg = SegmentMeta.from_token_slots([None, None, 0, 0, 0, 2, 2, None, 1])
     plan = cpu._plan(seg)
     assert (plan.sizes, plan.long, plan.short) == ([2, 3, 0, 2, 1, 1, 0], [(1, 0)], [(3, 2), (5, 1)])
+    assert (plan.whole, plan.covers_all) == (None, False)
     assert (plan.num_batched, plan.pad_len, plan.dense_start) == (2, 2, None)
     assert plan.slots.tolist() == [2, 1] and plan.rows.tolist() == [5, 6, 8, 8]
     assert plan.keep.tolist() == [0, 1, 2] and plan.keep_rows.tolist() == [5, 6, 8]
@@ -99,9 +100,17 @@ def test_layouts_reach_every_batched_path(layout, num_batched, dense, padded):
         assert (plan.dense_start is not None, plan.keep is not None) == (dense, padded)
 
 
+@pytest.mark.parametrize("layout, whole, covers_all", [
+    ("identical", 5, True), ("uniform", None, True), ("distinct", None, True), ("distinct_base", None, False)])
+def test_plan_shortcuts(layout, whole, covers_all):
+    """One adapter over every row skips all views; no base rows lets shrink skip zeroing its output."""
+    plan = cpu._build_plan(segment_layout(layout, 40, NUM_SLOTS))
+    assert (plan.whole, plan.covers_all) == (whole, covers_all)
+
+
 def test_strategy_follows_weight_size():
     plan = cpu._build_plan(segment_layout("distinct", 64, 64))
-    small, wide = torch.empty(4, 16, 1024), torch.empty(4, 5632, 16)  # 64 KiB vs 352 KiB per slot in fp32
+    small, wide = torch.empty(4, 16, 1024), torch.empty(4, 5632, 16)  # 64 x 64 KiB = 4 MiB vs 22 MiB to gather
     assert cpu._split(plan, small) == ([], True)
     loop, batched = cpu._split(plan, wide)
     assert not batched and len(loop) == 64
