@@ -1,10 +1,10 @@
 """LoRA on the running model: per-slot weight stacks on every target linear, applied with SGMV.
 
-Each (possibly fused) `Linear` of the model gets one `LinearLora` hook. For every HF sub-module that any loaded
+Each (possibly fused) `Linear` of the model gets one `LinearLora` hook. For the HF sub-modules that any loaded
 adapter targets (q_proj, k_proj, ... of a fused qkv_proj) it keeps stacks in the kernels' layout:
-    a[name]: [S, R, in]      slot s = one adapter's lora_A (rank padded with zero rows up to R)
-    b[name]: [S, width, R]   its lora_B with every constant scaling folded in (zero-padded columns)
-    g[name]: [S, width]      DoRA's per-column factor (1 for plain LoRA slots)
+    a:       [S, R_q + R_k + ..., in]  slot s = one adapter's lora_A blocks, one per slice (zero-padded ranks)
+    b[name]: [S, width, R_name]        its lora_B with every constant scaling folded in (zero-padded columns)
+    g[name]: [S, width]                DoRA's per-column factor (1 for plain LoRA slots)
 Stacks grow (re-allocated, old slots copied) when a slot or rank beyond the current size arrives.
 Tokens whose request has no LoRA adapter are in no segment and cost nothing.
 """
@@ -21,71 +21,89 @@ from server.step_layout import StepLayout
 
 
 class LinearLora:
+    """The LoRA stacks of one (possibly fused) Linear. All its targeted slices share one A stack, so a fused
+    qkv_proj needs one shrink for q, k and v together: a[:, offset[name]:offset[name] + rank[name]] is the
+    slice's lora_A block; its expand reads that block of the shrink output."""
+
     def __init__(self, linear: Linear):
         self.linear = linear
-        self.a: dict[str, torch.Tensor] = {}
-        self.b: dict[str, torch.Tensor] = {}
-        self.g: dict[str, torch.Tensor] = {}
+        self.ranks: dict[str, int] = {}              # targeted slice -> rank block width, in the Linear's order
+        self.a: torch.Tensor | None = None           # [S, sum(ranks), in]
+        self.b: dict[str, torch.Tensor] = {}         # [S, width, rank]
+        self.g: dict[str, torch.Tensor] = {}         # [S, width]
         self.dora_slots: set[int] = set()
-        self.num_slots = 0       # every stack of this linear has this many slots
+        self.num_slots = 0                           # slots every stack holds
 
     @property
     def is_empty(self) -> bool:
-        return not self.a
+        return self.a is None
+
+    def offsets(self) -> dict[str, int]:
+        out, at = {}, 0
+        for name, rank in self.ranks.items():
+            out[name] = at
+            at += rank
+        return out
 
     def set_slot(self, slot: int, modules: dict) -> None:
         """Install adapter `modules` ({hf_name: LoraModule}) into `slot`, clearing whatever was there."""
         self.clear_slot(slot)
-        w = self.linear.weight
-        self.num_slots = max(self.num_slots, slot + 1)
-        for name in self.a:                                 # segments may name any installed slot
-            self._ensure(name, self.num_slots, 0, self.linear.slices[name][1])
+        self._grow(slot + 1, {name: mod.lora_a.shape[0] for name, mod in modules.items()})
+        if self.a is None:
+            return
+        dtype, offsets = self.linear.weight.dtype, self.offsets()
         for name, mod in modules.items():
-            _, width = self.linear.slices[name]
-            rank = mod.lora_a.shape[0]
-            self._ensure(name, self.num_slots, rank, width)
-            self.a[name][slot, :rank] = mod.lora_a.to(w.dtype)
-            self.b[name][slot, :, :rank] = mod.lora_b.to(w.dtype)
+            rank, off = mod.lora_a.shape[0], offsets[name]
+            self.a[slot, off:off + rank] = mod.lora_a.to(dtype)
+            self.b[name][slot, :, :rank] = mod.lora_b.to(dtype)
             if mod.dora_scale is not None:
-                self.g[name][slot] = mod.dora_scale.to(w.dtype)
+                self.g[name][slot] = mod.dora_scale.to(dtype)
                 self.dora_slots.add(slot)
 
     def clear_slot(self, slot: int) -> None:
-        for name in self.a:
-            if slot < self.a[name].shape[0]:
-                self.a[name][slot].zero_()
+        if self.a is not None and slot < self.num_slots:
+            self.a[slot].zero_()
+            for name in self.ranks:
                 self.b[name][slot].zero_()
                 self.g[name][slot].fill_(1)
         self.dora_slots.discard(slot)
 
-    def _ensure(self, name: str, num_slots: int, rank: int, width: int) -> None:
-        w = self.linear.weight
-        old_a = self.a.get(name)
-        s0, r0 = (old_a.shape[0], old_a.shape[1]) if old_a is not None else (0, 0)
-        if num_slots <= s0 and rank <= r0:
+    def _grow(self, num_slots: int, ranks: dict[str, int]) -> None:
+        """Re-allocate the stacks if `num_slots` or a slice's rank exceeds them (old contents copied)."""
+        new_ranks = {name: max(self.ranks.get(name, 0), ranks.get(name, 0)) for name in self.linear.slices
+                     if name in self.ranks or name in ranks}
+        num_slots = max(num_slots, self.num_slots)
+        if not new_ranks or (num_slots == self.num_slots and new_ranks == self.ranks):
             return
-        s, r = max(num_slots, s0), max(rank, r0)
-        a = w.new_zeros(s, r, w.shape[1])
-        b = w.new_zeros(s, width, r)
-        g = w.new_ones(s, width)
-        if old_a is not None:
-            a[:s0, :r0] = old_a
-            b[:s0, :, :r0] = self.b[name]
-            g[:s0] = self.g[name]
-        self.a[name], self.b[name], self.g[name] = a, b, g
+        w = self.linear.weight
+        a = w.new_zeros(num_slots, sum(new_ranks.values()), w.shape[1])
+        old_offsets, s0 = self.offsets(), self.num_slots
+        at = 0
+        for name, rank in new_ranks.items():
+            width = self.linear.slices[name][1]
+            b, g = w.new_zeros(num_slots, width, rank), w.new_ones(num_slots, width)
+            if name in self.ranks:
+                r0, off = self.ranks[name], old_offsets[name]
+                a[:s0, at:at + r0] = self.a[:, off:off + r0]
+                b[:s0, :, :r0] = self.b[name]
+                g[:s0] = self.g[name]
+            self.b[name], self.g[name] = b, g
+            at += rank
+        self.a, self.ranks, self.num_slots = a, new_ranks, num_slots
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, meta, linear: Linear) -> None:
         view = meta.adapters.get("lora")
-        if view is None or self.is_empty:
+        if view is None or self.a is None:
             return
         seg = view.segments[linear.layer]
         if seg is None:
             return
-        for name, a in self.a.items():
+        shrunk = kernels.sgmv_shrink(x, self.a, seg)              # [T, sum(ranks)]
+        for name, off in self.offsets().items():
             col, width = linear.slices[name]
             if self.dora_slots:
                 self._dora_rescale(y, seg, name, col, width)
-            kernels.sgmv_expand(kernels.sgmv_shrink(x, a, seg), self.b[name], seg, y, col)
+            kernels.sgmv_expand(shrunk[:, off:off + self.ranks[name]], self.b[name], seg, y, col)
 
     def _dora_rescale(self, y: torch.Tensor, seg: SegmentMeta, name: str, col: int, width: int) -> None:
         """DoRA: base output of the adapter's tokens times g per column (PEFT leaves the bias unscaled)."""
