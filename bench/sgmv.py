@@ -115,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=30, help="timed rounds per point (prefill: a quarter)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds per point (T > 512: half)")
     parser.add_argument("--quick", action="store_true", help="H_out 1024 only, 5 rounds")
     args = parser.parse_args()
     dtype, rank = getattr(torch, args.dtype), args.rank
@@ -126,7 +126,7 @@ def main() -> None:
     records = []
     for name, token_slots in layouts().items():
         for h_out in h_outs:
-            rounds = max(3, repeats // 4) if len(token_slots) > 512 else repeats
+            rounds = max(3, repeats // 2) if len(token_slots) > 512 else repeats
             records.append(bench_point(name, token_slots, h_out, rank, dtype, rounds, gen))
             print(json.dumps(records[-1]), flush=True)
     print("\n| layout | H_out | base ms/layer | with LoRA (ours) | overhead: ours | loop | batched | per-token |")

@@ -49,6 +49,7 @@ class _Plan:
     keep: torch.Tensor | None = None  # positions of real rows among the padded ones; None: no padding
     keep_rows: torch.Tensor | None = None  # token row of each real padded row
     dense_start: int | None = None  # rows == arange(dense_start, ...): use views instead of gathers
+    slot_start: int | None = None  # slots == arange(slot_start, ...): the weights are a view, not a copy
 
 
 def _plan(seg: SegmentMeta) -> _Plan:
@@ -82,17 +83,28 @@ def _build_plan(seg: SegmentMeta) -> _Plan:
     padded = len(keep) < len(rows)
     rows_t = torch.tensor(rows)
     keep_t = torch.tensor(keep) if padded else None
+    slots = [slot for _, slot in short]
     return _Plan(sizes, whole, covers_all, long, short, num_batched=len(short), pad_len=pad_len,
-                 slots=torch.tensor([slot for _, slot in short]), rows=rows_t, keep=keep_t,
+                 slots=torch.tensor(slots), rows=rows_t, keep=keep_t,
+                 slot_start=slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None,
                  keep_rows=rows_t[keep_t] if padded else rows_t,
                  dense_start=rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None)
 
 
 def _split(plan: _Plan, weights: torch.Tensor) -> tuple[list[tuple[int, int]], bool]:
     """→ (segments to loop over, whether to batch the short ones) for this call's weight size."""
-    gather_bytes = plan.num_batched * weights.shape[1] * weights.shape[2] * weights.element_size()
+    gather_bytes = 0 if plan.slot_start is not None else \
+        plan.num_batched * weights.shape[1] * weights.shape[2] * weights.element_size()
     batched = plan.num_batched > 0 and gather_bytes <= MAX_GATHER_BYTES
     return (plan.long if batched else plan.long + plan.short), batched
+
+
+def _batched_weights(w: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """[num_batched, ...] weights of the batched segments: a view when their slots are consecutive (the runner
+    orders requests by slot, so e.g. 64 adapters in slots 0..63 need no copy), else one index_select."""
+    if plan.slot_start is not None:
+        return w[plan.slot_start:plan.slot_start + plan.num_batched]
+    return w.index_select(0, plan.slots)
 
 
 def _slot_views(w_t: torch.Tensor, num_uses: int):
@@ -111,7 +123,7 @@ def sgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg: SegmentMeta) -> torc
         return torch.mm(x, lora_a[plan.whole].T)
     loop, batched = _split(plan, lora_a)
     if batched and not loop and plan.covers_all and plan.dense_start == 0:  # e.g. decode: x is [n, pad_len] rows
-        a_t = lora_a.index_select(0, plan.slots).transpose(1, 2)
+        a_t = _batched_weights(lora_a, plan).transpose(1, 2)
         return torch.bmm(x.view(plan.num_batched, plan.pad_len, h_in), a_t).view(num_tokens, rank)
     y = (torch.empty if plan.covers_all else torch.zeros)(num_tokens, rank, dtype=x.dtype, device=x.device)
     if loop:
@@ -121,7 +133,7 @@ def sgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg: SegmentMeta) -> torc
             torch.mm(xs[i], a_t[slot], out=ys[i])
     if batched:
         n, pad_len = plan.num_batched, plan.pad_len
-        a_t = lora_a.index_select(0, plan.slots).transpose(1, 2)  # [n, H_in, R]
+        a_t = _batched_weights(lora_a, plan).transpose(1, 2)  # [n, H_in, R]
         if plan.dense_start is not None:
             rows = slice(plan.dense_start, plan.dense_start + n * pad_len)
             y[rows] = torch.bmm(x[rows].view(n, pad_len, h_in), a_t).view(n * pad_len, rank)
@@ -152,7 +164,7 @@ def sgmv_expand(y: torch.Tensor, lora_b: torch.Tensor, seg: SegmentMeta, out: to
             os_[i].addmm_(ys[i], b_t[slot])
     if batched:
         n, pad_len = plan.num_batched, plan.pad_len
-        b_t = lora_b.index_select(0, plan.slots).transpose(1, 2)  # [n, R, H_out]
+        b_t = _batched_weights(lora_b, plan).transpose(1, 2)  # [n, R, H_out]
         if plan.dense_start is not None:
             rows = slice(plan.dense_start, plan.dense_start + n * pad_len)
             o[rows].view(n, pad_len, h_out).baddbmm_(y[rows].view(n, pad_len, rank), b_t)

@@ -52,7 +52,7 @@ def _sgmv_shrink_kernel(
         if UPCAST:  # the interpreter's tl.dot is wrong for bf16
             xt = xt.to(tl.float32)
             at = at.to(tl.float32)
-        acc += tl.dot(xt, at, input_precision="tf32x3")
+        acc += tl.dot(xt, at, input_precision="tf32x3")  # fp32 inputs: 3xTF32, ~fp32 accurate
     y_ptrs = y_ptr + rows[:, None] * y_stride + offs_r[None, :]
     mask = mask_m[:, None] & mask_r[None, :]
     if SPLIT_K == 1:
