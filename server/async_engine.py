@@ -1,7 +1,7 @@
 """Runs the synchronous LLMEngine in its own thread and gives asyncio callers a stream of outputs per request.
 
-Only the engine thread touches the engine. Callers talk to it through a command list (add / abort) that the
-thread drains at the top of each iteration; outputs go back through one `asyncio.Queue` per request, filled
+Only the engine thread touches the engine. Callers talk to it through a command list (add / abort / call: run
+a function on the engine, e.g. install or unload an adapter) that the thread drains between steps; outputs go back through one `asyncio.Queue` per request, filled
 with `loop.call_soon_threadsafe`. When nothing is running the thread sleeps on a condition variable.
 """
 from __future__ import annotations
@@ -10,8 +10,9 @@ import asyncio
 import logging
 import threading
 import uuid
-from dataclasses import dataclass
-from typing import AsyncIterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
 
 from server.outputs import RequestOutput
 from server.sampling import SamplingParams
@@ -45,6 +46,12 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    fn: Callable[[Any], Any]                       # fn(engine), run on the engine thread between steps
+    future: Future = field(default_factory=Future)
+
+
 class _Stream:
     """Where one request's outputs go: a queue owned by the caller's event loop."""
 
@@ -59,7 +66,7 @@ class AsyncEngine:
         self.engine = engine
         self.max_waiting = max_waiting if max_waiting is not None else engine.config.max_waiting
         self._cond = threading.Condition()
-        self._commands: list[_Add | _Abort] = []       # guarded by _cond
+        self._commands: list[_Add | _Abort | _Call] = []   # guarded by _cond
         self._num_queued_adds = 0                     # adds not yet in the engine's stats; guarded by _cond
         self._streams: dict[str, _Stream] = {}        # guarded by _cond
         self._stopping = False
@@ -86,10 +93,13 @@ class AsyncEngine:
             self._thread = None
         with self._cond:
             streams, self._streams = self._streams, {}
-            self._commands.clear()
+            commands, self._commands = self._commands, []
             self._num_queued_adds = 0
         for stream in streams.values():
             _deliver(stream, EngineShutdown("server is shutting down"))
+        for command in commands:
+            if isinstance(command, _Call) and command.future.set_running_or_notify_cancel():
+                command.future.set_exception(EngineShutdown("server is shutting down"))
 
     @property
     def is_running(self) -> bool:
@@ -143,6 +153,16 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def run(self, fn: Callable[[Any], Any]) -> Any:
+        """`fn(engine)`'s result, run on the engine thread between two steps (its exception is raised here)."""
+        command = _Call(fn)
+        with self._cond:
+            if not self.is_running:
+                raise EngineShutdown("engine is not running")
+            self._commands.append(command)
+            self._cond.notify()
+        return await asyncio.wrap_future(command.future)
+
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; no more outputs are delivered for it. Unknown ids are ignored."""
         with self._cond:
@@ -186,9 +206,19 @@ class AsyncEngine:
             self._stats = stats
             self._num_queued_adds -= num_applied_adds
 
-    def _apply(self, command: _Add | _Abort) -> None:
+    def _apply(self, command: _Add | _Abort | _Call) -> None:
         if isinstance(command, _Abort):
             self._abort_in_engine(command.request_id)
+            return
+        if isinstance(command, _Call):
+            if not command.future.set_running_or_notify_cancel():
+                return                  # its caller went away before it ran: don't run it
+            try:
+                result = command.fn(self.engine)
+            except Exception as exc:
+                command.future.set_exception(exc)
+            else:
+                command.future.set_result(result)
             return
         try:
             self.engine.add_request(command.request_id, command.prompt_ids, command.params, command.adapter,
@@ -226,7 +256,7 @@ class AsyncEngine:
                     continue
                 if output.finished:
                     del self._streams[output.request_id]
-                batches.setdefault(stream.loop, []).append((stream.queue, output))
+                batches.setdefault(stream.loop, []).append((stream.queue, output.error or output))
         for loop, items in batches.items():
             _call_in_loop(loop, _put_all, items)
 

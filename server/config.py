@@ -50,6 +50,8 @@ class EngineConfig:
     block_size: int = 16                    # tokens per KV block
     max_waiting: int = 1024                 # more queued requests than this -> 503
     max_loras: int = 64                     # adapter slots on the device (LoRA stacks grow up to this)
+    max_adapter_memory: str | int | float | None = None     # device-tier adapter bytes; None = slots only
+    max_host_adapter_memory: str | int | float | None = "4GiB"   # host-tier adapter bytes; None = no limit
     device: str = "cpu"
 
     def __post_init__(self):
@@ -61,5 +63,16 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         self.kv_cache_bytes = parse_memory(self.kv_cache_memory, total_memory_bytes())
+        self.max_adapter_bytes = _optional_memory(self.max_adapter_memory)
+        self.max_host_adapter_bytes = _optional_memory(self.max_host_adapter_memory, allow_zero=True)
         if self.served_model_name is None:
             self.served_model_name = os.path.basename(os.path.normpath(self.model))
+
+
+def _optional_memory(value, allow_zero: bool = False) -> int | None:
+    """None -> None; 0 (only where `allow_zero`) -> 0; else parse_memory of physical memory."""
+    if value is None:
+        return None
+    if allow_zero and str(value).strip() in ("0", "0.0"):
+        return 0
+    return parse_memory(value, total_memory_bytes())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AutoTokenizer
@@ -21,6 +21,8 @@ from server.scheduler import Scheduler, SchedulerOutput
 from server.sequence import FinishReason, Sequence
 
 log = logging.getLogger(__name__)
+
+LOAD_WAIT_S = 0.02       # a step with nothing to run but adapter reads in flight waits this long for them
 
 
 @dataclass
@@ -57,7 +59,9 @@ class LLMEngine:
         self.adapters = AdapterRegistry(
             runtimes={"lora": lora},
             loaders={"lora": self._load_lora},
-            num_layers=spec.num_layers, max_slots=config.max_loras)
+            num_layers=spec.num_layers, max_slots=config.max_loras,
+            max_device_bytes=config.max_adapter_bytes, max_host_bytes=config.max_host_adapter_bytes)
+        self.scheduler.adapters = self.adapters       # admission puts adapters on the device
 
     def _load_lora(self, path: str):
         from adapters.lora import load_lora
@@ -79,8 +83,7 @@ class LLMEngine:
             if not 0 <= first_layer <= self.runner.spec.num_layers:
                 raise ParamError(f"adapter_drop must be in [0, {self.runner.spec.num_layers}], got {first_layer}",
                                  "adapter_drop")
-            handle.refcount += 1
-            handle.requests_served += 1
+            self.adapters.acquire(handle)
         seq = Sequence(request_id, prompt_ids, params, handle, first_layer)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         state = RequestState(seq, Detokenizer(self.tokenizer, prompt_ids, params.stop),
@@ -114,9 +117,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs = [self._output(s, [], None, final=True) for s in self._aborted]
         self._aborted = []
+        outputs += self._apply_adapter_reads()
         batch = self.scheduler.schedule()
         self.num_preemptions += len(batch.preempted)
         if batch.is_empty:
+            if self.adapters.has_pending_loads():
+                self.adapters.wait_for_loads(LOAD_WAIT_S)
             return outputs
         sampled, logits = self.runner.run(batch)
         states = [self.requests[item.seq.request_id] for item in sampled]
@@ -139,10 +145,21 @@ class LLMEngine:
             outputs.append(self._output(state, [token], logprob, final=reason is not None))
         return outputs
 
+    def _apply_adapter_reads(self) -> list[RequestOutput]:
+        """Adapters read back from disk go to the host tier; a failed read fails the requests waiting for it."""
+        outputs = []
+        for handle, exc in self.adapters.poll_loads():
+            log.error("reloading adapter %r from %s failed: %s", handle.name, handle.path, exc)
+            for state in [s for s in self.requests.values() if s.seq.adapter is handle]:
+                del self.requests[state.seq.request_id]
+                self._finish(state.seq, FinishReason.ABORT)
+                outputs.append(replace(self._output(state, [], None, final=True), error=exc))
+        return outputs
+
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)
         if seq.adapter is not None:
-            seq.adapter.refcount -= 1
+            self.adapters.release(seq.adapter)
 
     def _finish_reason(self, seq: Sequence, token: int, stopped_by_text: bool) -> FinishReason | None:
         p = seq.params
@@ -170,11 +187,12 @@ class LLMEngine:
         blocks = self.scheduler.blocks
         return {
             "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
+            "num_waiting": self.scheduler.num_waiting,
             "kv_blocks_used": blocks.num_used,
             "kv_blocks_total": blocks.num_blocks,
             "num_preemptions": self.num_preemptions,
             "num_adapters": len(self.adapters.handles),
+            "adapter_device_bytes": self.adapters.device_bytes,
         }
 
     # ---- offline use -------------------------------------------------------------------------------------
@@ -189,5 +207,7 @@ class LLMEngine:
         tokens: dict[str, list[int]] = {rid: [] for rid in ids}
         while self.has_unfinished():
             for out in self.step():
+                if out.error is not None:
+                    raise out.error
                 tokens[out.request_id].extend(out.token_ids)
         return [tokens[rid] for rid in ids]

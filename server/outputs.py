@@ -28,3 +28,5 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    error: Exception | None = None      # set on a final output when the request failed (e.g. its adapter's
+                                        # checkpoint could not be read back from disk)

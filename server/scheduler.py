@@ -4,17 +4,27 @@ Policy (iteration-level continuous batching with chunked prefill):
 1. Running sequences first, oldest first: each gets its pending tokens (1 for a decode, the rest of its
    prompt for a chunked prefill), within the step's token budget. If the KV cache cannot hold them, the
    newest running sequence is preempted (its blocks freed, its tokens recomputed later) until it can.
-2. Then waiting sequences, in arrival order, while there are sequence slots, token budget and free blocks;
-   a prompt longer than the remaining budget is prefilled in chunks over several steps.
+2. Then waiting sequences, while there are sequence slots, token budget and free blocks; a prompt longer than
+   the remaining budget is prefilled in chunks over several steps. Waiting sequences sit in one FCFS queue per
+   adapter (the base model is one more), served round-robin: each admission takes the head of the queue
+   served longest ago, so a flood of requests for one adapter delays a request for another by at most one
+   admission per other busy queue, not by the whole flood.
+   A head whose adapter is not on the device and cannot be put there now (its weights are still being read,
+   or every slot holds an adapter a running sequence uses) is skipped this step, so it blocks nobody; a head
+   that lacks KV blocks stops admission (so long prompts are not starved by short ones).
 Waiting requests never preempt running ones, so admission can't thrash; nothing is ever dropped.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from server.kv_blocks import BlockManager
 from server.sequence import FinishReason, Sequence, SequenceStatus
+
+
+_NO_QUEUE = object()
 
 
 @dataclass
@@ -42,21 +52,42 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+class AdapterResidency(Protocol):
+    """Puts adapters on the device (the adapter registry)."""
+
+    def make_resident(self, adapter, busy: set) -> bool:
+        """Whether `adapter` is on the device, installing it now if that needs evicting only adapters that
+        are not in `busy` (the adapters of running sequences)."""
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 adapters: AdapterResidency | None = None):
+        """`adapters`: None = every adapter is always on the device."""
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.adapters = adapters
+        # adapter (None = base) -> its waiting sequences, FCFS; dict order = round-robin order
+        self.queues: dict[object, deque[Sequence]] = {}
         self.running: list[Sequence] = []      # in admission order: oldest first
 
     @property
+    def waiting(self) -> list[Sequence]:
+        """Waiting sequences in the order admission considers them: queue by queue, each FCFS."""
+        return [seq for queue in self.queues.values() for seq in queue]
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(queue) for queue in self.queues.values())
+
+    @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return self.num_waiting + len(self.running)
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self.queues.setdefault(seq.adapter, deque()).append(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -79,12 +110,26 @@ class Scheduler:
             budget -= num
             i += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
-            seq = self.waiting[0]
+        busy = {s.adapter for s in self.running if s.adapter is not None}
+        skipped: set = set()                        # queues whose head's adapter can't be on the device now
+        while budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            key = next((k for k in self.queues if k not in skipped), _NO_QUEUE)
+            if key is _NO_QUEUE:
+                break
+            queue = self.queues[key]
+            seq = queue[0]
             num = min(seq.num_pending_tokens, budget)
             if not self.blocks.can_allocate(self.blocks.blocks_needed(seq, num)):
                 break
-            self.waiting.popleft()
+            if not self._make_resident(seq.adapter, busy):
+                skipped.add(key)
+                continue
+            queue.popleft()
+            del self.queues[key]                    # served: to the back of the round
+            if queue:
+                self.queues[key] = queue
+            if seq.adapter is not None:
+                busy.add(seq.adapter)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self.blocks.allocate(seq, num)
@@ -99,14 +144,22 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        queue = self.queues.pop(seq.adapter, None) or deque()
+        queue.appendleft(seq)
+        self.queues = {seq.adapter: queue, **self.queues}     # its queue goes first in the round
+
+    def _make_resident(self, adapter, busy: set) -> bool:
+        return adapter is None or self.adapters is None or self.adapters.make_resident(adapter, busy)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Remove `seq` wherever it is and free its blocks."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
+            queue = self.queues[seq.adapter]
+            queue.remove(seq)
+            if not queue:
+                del self.queues[seq.adapter]
         self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
