@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import time
 
@@ -37,13 +38,16 @@ STRATEGIES = ("ours", "loop", "batched", "per_token")
 
 
 def layouts() -> dict[str, list[int | None]]:
-    """Per-token adapter slots (None: base model only)."""
+    """Per-token adapter slots (None: base model only). Slots are shuffled (the general case: each segment's
+    weights must be gathered) except in the "slots in order" row (a view of the stack, no copy)."""
+    slot = random.Random(0).sample(range(NUM_SLOTS), NUM_SLOTS)
     return {
-        "decode T=64 1 seg": [0] * 64,
-        "decode T=64 8 segs": [s for s in range(8) for _ in range(8)],
-        "decode T=64 64 segs": list(range(64)),
-        "mixed T=576 512-chunk + 64 decodes": [0] * 512 + list(range(1, 64)) + [None],
-        "prefill T=2048 4 segs": [s for s in range(4) for _ in range(512)],
+        "decode T=64 1 seg": [slot[0]] * 64,
+        "decode T=64 8 segs": [slot[s] for s in range(8) for _ in range(8)],
+        "decode T=64 64 segs": [slot[s] for s in range(64)],
+        "decode T=64 64 segs, slots in order": list(range(64)),
+        "mixed T=576 512-chunk + 64 decodes": [slot[0]] * 512 + [slot[s] for s in range(1, 64)] + [None],
+        "prefill T=2048 4 segs": [slot[s] for s in range(4) for _ in range(512)],
     }
 
 

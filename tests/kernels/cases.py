@@ -17,7 +17,7 @@ TOL = {
 }
 
 LAYOUTS = ("distinct", "distinct_base", "uniform", "zipf", "identical", "skewed", "empty", "base_interleaved",
-           "repeated_slot")
+           "repeated_slot", "ordered_slots")
 
 
 def segment_layout(kind: str, num_tokens: int, num_slots: int, seed: int = SEED) -> SegmentMeta:
@@ -27,7 +27,8 @@ def segment_layout(kind: str, num_tokens: int, num_slots: int, seed: int = SEED)
     uniform: 4 equal segments; zipf: adapter popularity ~ 1/rank^1.5, tokens grouped by adapter
     identical: one segment over everything; skewed: one long segment then single-token ones
     empty: segments of length 0 among real ones; base_interleaved: base-model rows (no segment) before,
-    between and after segments; repeated_slot: one adapter in several non-adjacent segments."""
+    between and after segments; repeated_slot: one adapter in several non-adjacent segments;
+    ordered_slots: short segments whose slots are 0, 1, 2, ... (requests ordered by slot)."""
     rng = random.Random(f"{seed}-{kind}")
     gaps = None  # base rows before each segment, and after the last
     slots = None
@@ -57,6 +58,9 @@ def segment_layout(kind: str, num_tokens: int, num_slots: int, seed: int = SEED)
     elif kind == "repeated_slot":
         lens = [3, 1, 4, 1, 5, 2, num_tokens - 16]
         slots = [0, 1, 0, 1, 0, 0, 1]  # includes equal slots back to back, kept as separate segments
+    elif kind == "ordered_slots":
+        lens = [8, 7, 8, 7, 5, num_tokens - 35]
+        slots = list(range(len(lens)))
     else:
         raise ValueError(kind)
     gaps = gaps or [0] * (len(lens) + 1)

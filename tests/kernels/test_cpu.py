@@ -89,15 +89,17 @@ def test_plan_worked_example(monkeypatch):
     assert cpu._plan(seg) is plan
 
 
-@pytest.mark.parametrize("layout, num_batched, dense, padded", [
-    ("distinct", 40, True, False), ("distinct_base", 27, False, False), ("uniform", 0, None, None),
-    ("base_interleaved", 5, False, True), ("empty", 3, False, True)])
-def test_layouts_reach_every_batched_path(layout, num_batched, dense, padded):
-    """Guards the tests above: the layouts exercise the dense, gathered and padded batched paths."""
+@pytest.mark.parametrize("layout, num_batched, dense, padded, slot_view", [
+    ("distinct", 40, True, False, False), ("distinct_base", 27, False, False, False),
+    ("uniform", 0, None, None, None), ("base_interleaved", 5, False, True, False), ("empty", 3, False, True, False),
+    ("ordered_slots", 6, False, True, True)])
+def test_layouts_reach_every_batched_path(layout, num_batched, dense, padded, slot_view):
+    """Guards the tests above: the layouts exercise the dense, gathered, padded and slot-view batched paths."""
     plan = cpu._build_plan(segment_layout(layout, 40, NUM_SLOTS))
     assert plan.num_batched == num_batched
     if num_batched:
         assert (plan.dense_start is not None, plan.keep is not None) == (dense, padded)
+        assert (plan.slot_start is not None) == slot_view
 
 
 @pytest.mark.parametrize("layout, whole, covers_all", [
