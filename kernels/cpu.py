@@ -5,9 +5,9 @@ Segments run one of two ways, picked per call from the step's segment lengths an
   call (~0.6 us a view, vs ~2 us for `x[s:e]`), but each matmul call still costs a few us of dispatch, so
   this suits few or long segments (prefill) and weight slices too big to copy.
 - batched: short segments (len <= SHORT_LEN) padded to their longest, their weight slices gathered with one
-  `index_select`, one `bmm`. Wins for many short segments (decode: ~2x at 8 segments of 8 tokens), unless
-  the gathered slices outgrow the cache and copying them costs more than the calls it saves
-  (MAX_GATHER_BYTES; e.g. expand into H_out=5632 at 64 one-token segments).
+  `index_select` (just viewed when their slots are consecutive), one `bmm`. Wins for many short segments
+  (decode: ~2x at 8 segments of 8 tokens), unless the gathered slices outgrow the cache and copying them
+  costs more than the calls it saves (MAX_GATHER_BYTES; e.g. expand into H_out=5632 at 64 one-token segments).
 The split of the segments is built once per step (`_plan`, memoised on the SegmentMeta) and reused by every
 layer. Matmuls on bf16/fp16 tensors accumulate in fp32 inside torch's CPU GEMMs.
 """
@@ -35,7 +35,7 @@ class _Plan:
     sizes = [2, 3, 0, 2, 1, 1, 0] (rows.split(sizes) = gap, seg 0, gap, seg 1, gap, seg 2, gap),
     whole = None, covers_all = False, long = [(1, 0)], short = [(3, 2), (5, 1)];
     batched: pad_len = 2, slots = [2, 1], rows = [5, 6, 8, 8],
-    keep = [0, 1, 2], keep_rows = [5, 6, 8], dense_start = None."""
+    keep = [0, 1, 2], keep_rows = [5, 6, 8], dense_start = None, slot_start = None."""
     sizes: list[int]  # row chunks covering [0, T): gaps (possibly 0 rows) and segments alternate
     whole: int | None  # the slot when one segment covers every row (one adapter for the batch): no views at all
     covers_all: bool  # no base rows: shrink need not zero its output
@@ -86,9 +86,9 @@ def _build_plan(seg: SegmentMeta) -> _Plan:
     slots = [slot for _, slot in short]
     return _Plan(sizes, whole, covers_all, long, short, num_batched=len(short), pad_len=pad_len,
                  slots=torch.tensor(slots), rows=rows_t, keep=keep_t,
-                 slot_start=slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None,
                  keep_rows=rows_t[keep_t] if padded else rows_t,
-                 dense_start=rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None)
+                 dense_start=rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None,
+                 slot_start=slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None)
 
 
 def _split(plan: _Plan, weights: torch.Tensor) -> tuple[list[tuple[int, int]], bool]:
