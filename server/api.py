@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API. Routes only translate: body -> (prompt ids, SamplingParams, adapter) -> engine,
 engine outputs -> OpenAI JSON or SSE. Every error leaves in OpenAI's shape (server/errors.py).
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics; admin
+routes (their own key when --admin-api-key is set): POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter,
+GET /v1/adapters (server/lifecycle.py does the work).
 A client that disconnects has its request aborted, streaming or not, so its KV blocks are freed.
 """
 from __future__ import annotations
@@ -18,13 +20,17 @@ from typing import AsyncIterator
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters.config import AdapterError
+from adapters.paths import AdapterRoots
+from adapters.registry import AdapterNotFound
 from server.async_engine import AsyncEngine, EngineOverloaded, EngineShutdown, RequestFailed
 from server.errors import APIError, ModelNotFound, from_validation_errors, to_api_error
+from server.lifecycle import AdapterLifecycle, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.metrics import RequestCounter, ServerMetrics
 from server.outputs import RequestOutput
 from server.protocol import (ChatCompletionRequest, ChatFormatter, CompletionFormatter, CompletionRequest,
@@ -34,7 +40,8 @@ from server.sampling import ParamError, SamplingParams
 log = logging.getLogger(__name__)
 
 INFERENCE_PREFIX = "/v1/"        # paths that need the API key when one is set
-ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+ADMIN_ROUTES = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters"}
+ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", *ADMIN_ROUTES}
 CLIENT_CLOSED = 499              # nginx's status for "client closed request"; nobody receives it
 
 
@@ -55,7 +62,7 @@ def resolve_model(name: str, base_name: str, adapters, adapter_id: str | None = 
 class _Serving:
     """What the routes share: the engine, an HTTP-side tokenizer, metrics."""
 
-    def __init__(self, async_engine: AsyncEngine, metrics: ServerMetrics):
+    def __init__(self, async_engine: AsyncEngine, metrics: ServerMetrics, lifecycle: AdapterLifecycle):
         engine = async_engine.engine
         self.async_engine = async_engine
         # The engine thread detokenizes with engine.tokenizer; a Rust tokenizer must not be shared across threads.
@@ -64,9 +71,17 @@ class _Serving:
         self.max_model_len = engine.max_model_len
         self.adapters = engine.adapters
         self.metrics = metrics
+        self.lifecycle = lifecycle
 
-    def resolve(self, body) -> str | None:
-        return resolve_model(body.model, self.model_name, self.adapters, body.adapter_id)
+    async def resolve(self, body) -> str | None:
+        """resolve_model, loading an adapter that is not loaded yet from an --adapter-dir just in time."""
+        try:
+            return resolve_model(body.model, self.model_name, self.adapters, body.adapter_id)
+        except ModelNotFound:
+            wanted = body.adapter_id or body.model
+            if await self.lifecycle.load_on_demand(wanted):
+                return wanted
+            raise
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
                        request_id: str, adapter_drop: int | None = None) -> AsyncIterator[RequestOutput]:
@@ -84,8 +99,13 @@ class _Serving:
                 yield out
 
 
-def build_app(async_engine: AsyncEngine, *, api_key: str | None = None) -> FastAPI:
-    """The app serving `async_engine`; it starts the engine thread on startup and stops it on shutdown."""
+def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_api_key: str | None = None,
+              adapter_dirs: list[str] = ()) -> FastAPI:
+    """The app serving `async_engine`; it starts the engine thread on startup and stops it on shutdown.
+
+    `api_key` guards the /v1/ routes; `admin_api_key` (default: `api_key`) guards ADMIN_ROUTES instead.
+    Adapters load from inside `adapter_dirs` (by relative path, or just in time by name) or from the
+    directories of adapters already loaded when the app is built (the preloaded ones)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -97,15 +117,17 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None) -> FastA
 
     app = FastAPI(title="peftserve", lifespan=lifespan)
     metrics = ServerMetrics(async_engine.stats, known_paths=ROUTES)
-    serving = _Serving(async_engine, metrics)
+    preloaded = [h.path for h in async_engine.engine.adapters.handles.values()]
+    lifecycle = AdapterLifecycle(async_engine, AdapterRoots(adapter_dirs, preloaded))
+    serving = _Serving(async_engine, metrics, lifecycle)
     _add_error_handlers(app)
-    if api_key:
-        app.add_middleware(_BearerAuth, api_key=api_key)
+    if api_key or admin_api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key, admin_api_key=admin_api_key or api_key)
     app.add_middleware(RequestCounter, metrics=metrics)     # outermost: counts 401s too
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        adapter = serving.resolve(body)
+        adapter = await serving.resolve(body)
         prompt = body.single_prompt()
         params = body.sampling_params()
         prompt_ids = prompt if isinstance(prompt, list) else serving.tokenizer.encode(prompt)
@@ -118,7 +140,7 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None) -> FastA
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        adapter = serving.resolve(body)
+        adapter = await serving.resolve(body)
         prompt_ids = _chat_prompt_ids(serving.tokenizer, body)
         params = body.sampling_params(len(prompt_ids), serving.max_model_len)
         request_id = new_id("chatcmpl")
@@ -132,6 +154,29 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None) -> FastA
         cards += [ModelCard(id=name, parent=serving.model_name, root=handle.path, max_model_len=serving.max_model_len)
                   for name, handle in sorted(serving.adapters.handles.items())]
         return ModelList(data=cards)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraAdapterRequest):
+        if not body.lora_name or not body.lora_path:
+            raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.", param="lora_name")
+        await lifecycle.load(body.lora_name, body.lora_path, replace=body.load_inplace, pinned=body.pinned,
+                             drop_layers=body.adapter_drop)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
+        if not body.lora_name:
+            raise APIError(400, "'lora_name' must be provided.", param="lora_name")
+        try:
+            await lifecycle.unload(body.lora_name)
+        except AdapterNotFound:
+            raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found.", param="lora_name",
+                           code="adapter_not_found") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    @app.get("/v1/adapters")
+    async def adapters():
+        return lifecycle.describe()
 
     @app.get("/health")
     async def health():
@@ -240,24 +285,30 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return APIError(exc.status_code, str(exc.detail)).response()
 
-    for exc_class in (APIError, ParamError, EngineOverloaded, EngineShutdown, RequestFailed, Exception):
+    for exc_class in (APIError, ParamError, AdapterError, AdapterNotFound, EngineOverloaded, EngineShutdown,
+                      RequestFailed, Exception):
         app.add_exception_handler(exc_class, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
 
 
 class _BearerAuth:
-    """ASGI middleware: paths under /v1/ need `Authorization: Bearer <api_key>`."""
+    """ASGI middleware: ADMIN_ROUTES need `Authorization: Bearer <admin_api_key>`, other paths under /v1/
+    `Bearer <api_key>` (a key that is None lets its paths through)."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_key: str | None, admin_api_key: str | None):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected_admin = f"Bearer {admin_api_key}".encode() if admin_api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith(INFERENCE_PREFIX):
+            is_admin = scope["path"] in ADMIN_ROUTES
+            expected = self.expected_admin if is_admin else self.expected
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                error = APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+            if expected is not None and not secrets.compare_digest(given, expected):
+                which = "admin API key" if is_admin else "API key"
+                error = APIError(401, f"missing or invalid {which} (send 'Authorization: Bearer <key>')",
                                  code="invalid_api_key")
                 return await error.response()(scope, receive, send)
         await self.app(scope, receive, send)

@@ -20,6 +20,9 @@ class ServeOptions:
     port: int = 8000
     api_key: str | None = None
     adapters: dict[str, tuple[str, int]] = field(default_factory=dict)   # name -> (path, adapter_drop)
+    admin_api_key: str | None = None
+    adapter_dirs: list[str] = field(default_factory=list)      # load roots; just-in-time loading by name
+    pinned: list[str] = field(default_factory=list)            # preloaded adapters kept on the device
     is_demo: bool = False                                      # engine.model is the demo model's cache dir
     log_level: str = "info"
 
@@ -41,7 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="queued requests beyond this get HTTP 503")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", type=_adapter,
                        help="an adapter to serve as model NAME (repeatable)")
+    serve.add_argument("--pin", action="append", default=[], metavar="NAME",
+                       help="keep the --adapter NAME on the device, never evicted (repeatable)")
+    serve.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                       help="adapters may be loaded from inside DIR (repeatable); a request for model NAME "
+                            "that is not loaded loads DIR/NAME just in time")
+    serve.add_argument("--max-loras", type=_positive_int, default=64, help="adapter slots on the device")
+    serve.add_argument("--max-adapter-memory", help="device-tier adapter budget in bytes (256MiB) or a fraction "
+                                                    "of RAM; least recently used idle adapters go to the host "
+                                                    "tier (unset: no byte limit, only --max-loras slots)")
+    serve.add_argument("--max-host-adapter-memory", default="4GiB",
+                       help="host-tier adapter budget; beyond it idle adapters go to the disk tier (re-read "
+                            "from their path when next used); 0 = no host tier")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    serve.add_argument("--admin-api-key", help="require 'Authorization: Bearer KEY' on the adapter admin "
+                                               "endpoints (load / unload / list) instead of --api-key")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -55,16 +72,25 @@ def parse_serve_options(argv: list[str] | None = None) -> ServeOptions:
         if name in adapters:
             parser.error(f"--adapter {name} is given twice")
         adapters[name] = source
+    for name in args.pin:
+        if name not in adapters:
+            parser.error(f"--pin {name}: no --adapter {name}=PATH to pin")
+    for path in args.adapter_dir:
+        if not os.path.isdir(path):
+            parser.error(f"--adapter-dir {path}: not a directory")
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
         parser.error(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
     try:
         engine = EngineConfig(model=args.model or str(default_cache_dir()),
                               served_model_name=args.served_model_name, dtype=args.dtype,
                               kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-                              max_model_len=args.max_model_len, max_waiting=args.max_waiting)
+                              max_model_len=args.max_model_len, max_waiting=args.max_waiting,
+                              max_loras=args.max_loras, max_adapter_memory=args.max_adapter_memory,
+                              max_host_adapter_memory=args.max_host_adapter_memory)
     except ValueError as exc:
         parser.error(str(exc))
-    return ServeOptions(engine, args.host, args.port, args.api_key, adapters, is_demo=args.model is None,
+    return ServeOptions(engine, args.host, args.port, args.api_key, adapters, admin_api_key=args.admin_api_key,
+                        adapter_dirs=args.adapter_dir, pinned=args.pin, is_demo=args.model is None,
                         log_level=args.log_level)
 
 
@@ -83,11 +109,13 @@ def serve(options: ServeOptions) -> None:
         ensure_demo_model(config.model)
     engine = LLMEngine(config)
     for name, (path, drop) in options.adapters.items():
-        handle = engine.adapters.load(name, path, drop_layers=drop)
-        log.info("adapter %r (%s, %.1f MB) from %s", name, handle.kind, handle.num_bytes / 1e6, handle.path)
+        handle = engine.adapters.load(name, path, drop_layers=drop, pinned=name in options.pinned)
+        log.info("adapter %r (%s, %.1f MB, %s%s) from %s", name, handle.kind, handle.num_bytes / 1e6,
+                 handle.tier.value, ", pinned" if handle.pinned else "", handle.path)
     log.info("serving %r (max_model_len=%d) on http://%s:%d/v1", engine.model_name, engine.max_model_len,
              options.host, options.port)
-    app = build_app(AsyncEngine(engine), api_key=options.api_key)
+    app = build_app(AsyncEngine(engine), api_key=options.api_key, admin_api_key=options.admin_api_key,
+                    adapter_dirs=options.adapter_dirs)
     uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)
 
 

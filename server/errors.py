@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 from adapters.config import AdapterError
+from adapters.paths import AdapterPathNotFound
 from adapters.registry import AdapterNotFound
 from server.async_engine import EngineOverloaded, EngineShutdown, RequestFailed
 from server.sampling import ParamError
@@ -57,6 +58,8 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, AdapterNotFound):
         return APIError(404, f"The model {exc.args[0]!r} does not exist (no such adapter)", param="model",
                         code="model_not_found")
+    if isinstance(exc, AdapterPathNotFound):
+        return APIError(404, str(exc), code="adapter_not_found")
     if isinstance(exc, AdapterError):
         return APIError(400, str(exc), code="invalid_adapter")
     if isinstance(exc, EngineOverloaded):
