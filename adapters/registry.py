@@ -100,6 +100,9 @@ class AdapterRegistry:
         self._executor: ThreadPoolExecutor | None = None
         self._reloads: dict[AdapterHandle, Future] = {}    # disk -> host reads in flight
         self._load_done = threading.Event()
+        self.num_installs = 0                  # host -> device copies so far
+        self.num_evictions = 0                 # device -> host
+        self.num_reloads = 0                   # disk -> host reads started
 
     # ---- lookups (any thread) ---------------------------------------------------------------------------
     def get(self, name: str) -> AdapterHandle:
@@ -128,7 +131,9 @@ class AdapterRegistry:
             return dict(device_bytes=self.device_bytes, max_device_bytes=self.max_device_bytes,
                         host_bytes=self.host_bytes, max_host_bytes=self.max_host_bytes,
                         slots_used=sum(h is not None for h in self.slots), max_slots=self.max_slots,
-                        num_draining=len(self.draining), num_loading=len(self._reloads))
+                        num_draining=len(self.draining), num_loading=len(self._reloads),
+                        num_installs=self.num_installs, num_evictions=self.num_evictions,
+                        num_reloads=self.num_reloads)
 
     @property
     def device_bytes(self) -> int:
@@ -150,8 +155,10 @@ class AdapterRegistry:
         if self.max_device_bytes is not None and num_bytes > self.max_device_bytes:
             raise AdapterError(f"{path}: the adapter needs {num_bytes} bytes on the device but the whole device "
                                f"budget (--max-adapter-memory) is {self.max_device_bytes} bytes")
-        rank = getattr(weights, "rank", None)
-        return LoadedAdapter(path, kind, weights, num_bytes, {} if rank is None else {"rank": rank})
+        # what must be known while the weights are on disk: "rank", "num_virtual_tokens" (prefix / prompt tuning)
+        info = {key: getattr(weights, key) for key in ("rank", "num_virtual_tokens")
+                if getattr(weights, key, None) is not None}
+        return LoadedAdapter(path, kind, weights, num_bytes, info)
 
     def submit_read(self, path: str) -> Future:
         """`read(path)` on a loader thread; a Future of the LoadedAdapter."""
@@ -296,6 +303,7 @@ class AdapterRegistry:
         if handle not in self._reloads:
             future = self.submit_read(handle.path)
             self._reloads[handle] = future
+            self.num_reloads += 1
             future.add_done_callback(lambda _: self._load_done.set())
 
     def _evictable_kind(self, kind: str) -> bool:
@@ -358,12 +366,14 @@ class AdapterRegistry:
         handle.slot = slot
         self.slots[slot] = handle
         handle.last_used = next(self._clock)
+        self.num_installs += 1
 
     def _evict(self, handle: AdapterHandle) -> None:
         """device -> host."""
         self.runtimes[handle.kind].remove(handle.slot)
         self.slots[handle.slot] = None
         handle.slot = None
+        self.num_evictions += 1
 
     def _enforce_host_budget(self) -> None:
         """host -> disk, least recently used first, for adapters no request uses."""

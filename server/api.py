@@ -69,6 +69,7 @@ class _Serving:
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
+        self.context_len = engine.context_len         # max_model_len less an adapter's virtual tokens
         self.adapters = engine.adapters
         self.metrics = metrics
         self.lifecycle = lifecycle
@@ -142,7 +143,7 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         adapter = await serving.resolve(body)
         prompt_ids = _chat_prompt_ids(serving.tokenizer, body)
-        params = body.sampling_params(len(prompt_ids), serving.max_model_len)
+        params = body.sampling_params(len(prompt_ids), serving.context_len(adapter))
         request_id = new_id("chatcmpl")
         formatter = ChatFormatter(serving.tokenizer, request_id, body.model, include_usage=body.include_usage)
         outputs = serving.generate(prompt_ids, params, adapter, request_id, body.adapter_drop)
@@ -151,7 +152,8 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
     @app.get("/v1/models")
     async def models() -> ModelList:
         cards = [ModelCard(id=serving.model_name, max_model_len=serving.max_model_len)]
-        cards += [ModelCard(id=name, parent=serving.model_name, root=handle.path, max_model_len=serving.max_model_len)
+        cards += [ModelCard(id=name, parent=serving.model_name, root=handle.path,
+                            max_model_len=serving.context_len(name))
                   for name, handle in sorted(serving.adapters.handles.items())]
         return ModelList(data=cards)
 

@@ -22,7 +22,8 @@ class AttnGroup:
     token_index:  [B, Q] long, flat rows holding each sequence's queries; padding repeats a real row
     out_index:    [N] long, flat rows receiving the outputs of the real (unpadded) queries, in [B, Q] order
     valid:        [B * Q] bool, which padded slots are real queries; None when none are padding
-    block_tables: [B, NB] long, physical KV blocks of each sequence (padded with block 0, masked)
+    block_tables: [B, NB] long, physical KV blocks of each sequence (padded with block 0, masked); a sequence
+                  with a shared prefix (server.kv_blocks.SharedPrefix) starts with the prefix's blocks
     masks:        {window: [B, 1, Q, NB * block_size] bool, True = attend}; window None = full causal
     """
     token_index: torch.Tensor
@@ -40,6 +41,13 @@ class BatchMeta:
     attn_groups: list[AttnGroup]
     sample_index: torch.Tensor             # [S] long, rows whose logits are wanted
     adapters: dict = field(default_factory=dict)   # adapter kind -> its per-step view (LoRA segments, ...)
+    inputs_embeds: torch.Tensor | None = None      # [T, hidden]: embeddings given instead of input_ids' rows
+    # AdapterDrop of shared prefixes: per decoder layer its groups (below a request's first adapter layer, its
+    # block table there skips its prefix blocks); None = attn_groups in every layer
+    layer_attn_groups: list[list[AttnGroup]] | None = None
+
+    def groups(self, layer: int) -> list[AttnGroup]:
+        return self.attn_groups if self.layer_attn_groups is None else self.layer_attn_groups[layer]
 
     @property
     def num_tokens(self) -> int:

@@ -9,6 +9,8 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters.lora_runtime import LoraRuntime
+from adapters.prefix_runtime import KINDS as PREFIX_KINDS
+from adapters.prefix_runtime import PrefixRuntime, num_virtual_tokens
 from adapters.registry import AdapterRegistry
 from server.config import EngineConfig
 from server.detokenizer import Detokenizer
@@ -56,9 +58,11 @@ class LLMEngine:
         self.num_preemptions = 0
         lora = LoraRuntime(self.runner.model)
         self.runner.adapter_runtimes.append(lora)
+        self.prefixes = PrefixRuntime(self.runner, self.scheduler.blocks)   # prefix / prompt tuning, P-tuning
+        self.scheduler.blocks.prefix_of = lambda seq: self.prefixes.prefix_of(seq.adapter)
         self.adapters = AdapterRegistry(
-            runtimes={"lora": lora},
-            loaders={"lora": self._load_lora},
+            runtimes={"lora": lora, **{kind: self.prefixes for kind in PREFIX_KINDS}},
+            loaders={"lora": self._load_lora, **{kind: self._load_prompt for kind in PREFIX_KINDS}},
             num_layers=spec.num_layers, max_slots=config.max_loras,
             max_device_bytes=config.max_adapter_bytes, max_host_bytes=config.max_host_adapter_bytes)
         self.scheduler.adapters = self.adapters       # admission puts adapters on the device
@@ -66,6 +70,10 @@ class LLMEngine:
     def _load_lora(self, path: str):
         from adapters.lora import load_lora
         return load_lora(path, self.runner.spec, self.runner.model.base_weight)
+
+    def _load_prompt(self, path: str):
+        from adapters.prompt import load_prompt_adapter
+        return load_prompt_adapter(path, self.runner.spec)
 
     # ---- requests in -------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -75,8 +83,9 @@ class LLMEngine:
         Raises AdapterNotFound for an unknown adapter, ParamError for bad input."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
-        self.validate_prompt(prompt_ids, params)
         handle = self.adapters.get(adapter) if adapter is not None else None
+        num_virtual = num_virtual_tokens(handle)
+        self.validate_prompt(prompt_ids, params, num_virtual)
         first_layer = 0
         if handle is not None:
             first_layer = handle.drop_layers if adapter_drop is None else adapter_drop
@@ -84,25 +93,32 @@ class LLMEngine:
                 raise ParamError(f"adapter_drop must be in [0, {self.runner.spec.num_layers}], got {first_layer}",
                                  "adapter_drop")
             self.adapters.acquire(handle)
-        seq = Sequence(request_id, prompt_ids, params, handle, first_layer)
+        seq = Sequence(request_id, prompt_ids, params, handle, first_layer, num_virtual_tokens=num_virtual)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         state = RequestState(seq, Detokenizer(self.tokenizer, prompt_ids, params.stop),
                              torch.Generator().manual_seed(seed))
         self.requests[request_id] = state
         self.scheduler.add(seq)
 
-    def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate_prompt(self, prompt_ids: list[int], params: SamplingParams, num_virtual_tokens: int = 0) -> None:
+        """`num_virtual_tokens`: the adapter's prefix / prompt-tuning tokens, which share the context."""
         if not prompt_ids:
             raise ParamError("prompt is empty", "prompt")
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise ParamError(f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})", "prompt")
-        total = len(prompt_ids) + params.max_tokens
+        total = num_virtual_tokens + len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
+            virtual = f", the adapter's virtual tokens {num_virtual_tokens}" if num_virtual_tokens else ""
             raise ParamError(f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                             f"{len(prompt_ids)} tokens and max_tokens is {params.max_tokens} "
+                             f"{len(prompt_ids)} tokens{virtual} and max_tokens is {params.max_tokens} "
                              f"({total} in all). Shorten the prompt or lower max_tokens.", "max_tokens"
-                             if len(prompt_ids) < self.max_model_len else "prompt")
+                             if num_virtual_tokens + len(prompt_ids) < self.max_model_len else "prompt")
+
+    def context_len(self, adapter: str | None) -> int:
+        """Prompt + output tokens a request for `adapter` may have: max_model_len less its virtual tokens."""
+        handle = self.adapters.handles.get(adapter) if adapter is not None else None
+        return self.max_model_len - num_virtual_tokens(handle)
 
     def abort_request(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
@@ -165,7 +181,7 @@ class LLMEngine:
         p = seq.params
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or stopped_by_text:
             return FinishReason.STOP
-        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if len(seq.output_ids) >= p.max_tokens or seq.num_virtual_tokens + seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 

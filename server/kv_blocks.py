@@ -1,18 +1,38 @@
 """KV-cache block accounting. Pure Python: which physical blocks hold which sequence's tokens.
 
 A sequence's `block_table[i]` is the physical block holding its tokens `i*block_size .. (i+1)*block_size-1`.
-Blocks carry a reference count so read-only blocks can later be shared between sequences (an adapter's
-prefix KV); a block returns to the free list when its count drops to zero.
+Blocks carry a reference count so read-only blocks can be shared between sequences: a sequence with virtual
+tokens (prefix / prompt tuning) starts its block table with its adapter's `SharedPrefix` blocks, taking one
+reference each when it is (re-)admitted, then its own tokens from block `len(prefix.blocks)` on. A block returns
+to the free list when its count drops to zero; the adapter holds one reference to its prefix blocks while it is
+installed, so a prefix outlives neither its adapter nor its last sequence.
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+from typing import Callable
 
 from server.sequence import Sequence
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@dataclass(frozen=True, eq=False)
+class SharedPrefix:
+    """Read-only KV blocks holding an adapter's `num_tokens` virtual tokens, right-aligned so that a sequence's
+    own tokens start on a fresh block. Block size 4, 6 virtual tokens: blocks [b0, b1], pad = 2, virtual token j
+    in slot pad + j (b0[2], b0[3], b1[0..3]); the sequence's token i goes to slot 8 + i and has position 6 + i.
+    In a block table starting with these blocks, key slot s has position s - pad; slots < pad hold nothing."""
+    blocks: tuple[int, ...]
+    num_tokens: int
+    block_size: int
+
+    @property
+    def pad(self) -> int:
+        return len(self.blocks) * self.block_size - self.num_tokens
 
 
 class BlockManager:
@@ -23,6 +43,9 @@ class BlockManager:
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
+        # the shared prefix of a sequence with virtual tokens, None while its adapter is not installed; looked up
+        # at each admission (set by the engine: after an eviction the adapter may come back with other blocks)
+        self.prefix_of: Callable[[Sequence], SharedPrefix | None] = lambda seq: None
 
     @property
     def num_free(self) -> int:
@@ -33,9 +56,14 @@ class BlockManager:
         return self.num_blocks - len(self.free_blocks)
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        """Extra blocks `seq` needs so that its computed tokens plus `num_new_tokens` fit."""
-        total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
-        return max(0, total - len(seq.block_table))
+        """Extra free blocks `seq` needs so that its computed tokens plus `num_new_tokens` fit. A shared prefix
+        needs none, except before admission while its adapter is not installed (installing takes them)."""
+        own = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
+        if seq.block_table:
+            return max(0, own + seq.num_prefix_blocks - len(seq.block_table))
+        if seq.num_virtual_tokens and self.prefix_of(seq) is None:
+            return own + cdiv(seq.num_virtual_tokens, self.block_size)
+        return own
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self.free_blocks)
@@ -44,6 +72,15 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > len(self.free_blocks):
             raise RuntimeError(f"KV cache: need {needed} blocks, {len(self.free_blocks)} free")
+        if not seq.block_table and seq.num_virtual_tokens:     # (re-)admission: attach the shared prefix
+            prefix = self.prefix_of(seq)
+            assert prefix is not None, "the adapter must be installed before its sequence is admitted"
+            assert prefix.num_tokens == seq.num_virtual_tokens and prefix.block_size == self.block_size
+            for block in prefix.blocks:
+                assert self.ref_counts[block] > 0, "prefix blocks are held by their adapter"
+                self.ref_counts[block] += 1
+            seq.prefix = prefix
+            seq.block_table.extend(prefix.blocks)
         for _ in range(needed):
             block = self.free_blocks.popleft()
             assert self.ref_counts[block] == 0
@@ -51,9 +88,30 @@ class BlockManager:
             seq.block_table.append(block)
 
     def free(self, seq: Sequence) -> None:
-        for block in seq.block_table:
+        """Drop `seq`'s reference to every block of its table (its own blocks return to the free list; shared
+        prefix blocks stay with their adapter)."""
+        self._release(seq.block_table)
+        seq.block_table = []
+        seq.prefix = None
+
+    def allocate_prefix(self, num_tokens: int) -> SharedPrefix:
+        """Blocks for `num_tokens` read-only virtual tokens, held (one reference) until `free_prefix`."""
+        needed = cdiv(num_tokens, self.block_size)
+        if needed > len(self.free_blocks):
+            raise RuntimeError(f"KV cache: {num_tokens} virtual tokens need {needed} blocks, "
+                               f"{len(self.free_blocks)} free")
+        blocks = tuple(self.free_blocks.popleft() for _ in range(needed))
+        for block in blocks:
+            assert self.ref_counts[block] == 0
+            self.ref_counts[block] = 1
+        return SharedPrefix(blocks, num_tokens, self.block_size)
+
+    def free_prefix(self, prefix: SharedPrefix) -> None:
+        self._release(prefix.blocks)
+
+    def _release(self, blocks) -> None:
+        for block in blocks:
             self.ref_counts[block] -= 1
             assert self.ref_counts[block] >= 0
             if self.ref_counts[block] == 0:
                 self.free_blocks.append(block)
-        seq.block_table = []

@@ -1,6 +1,8 @@
 """Tensors for one step: build BatchMeta from the scheduler's decision, run the model, return logits."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from server.batch import AttnGroup, BatchMeta
@@ -52,21 +54,24 @@ class ModelRunner:
             row = len(input_ids)
             rows.append(row)
             input_ids.extend(seq.all_ids[start:start + n])
-            table = seq.block_table
+            # own token p: position num_virtual + p, in block-table slot (after the shared prefix) first + p
+            table, first, num_virtual = seq.block_table, seq.num_prefix_blocks * bs, seq.num_virtual_tokens
             for p in range(start, start + n):
-                positions.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
+                positions.append(num_virtual + p)
+                slots.append(table[(first + p) // bs] * bs + (first + p) % bs)
             (decodes if n == 1 else prefills).append((item, row))
             if item.is_last_chunk:
                 sample_rows.append(row + n - 1)
                 sampled.append(item)
-        groups = [self._group(g) for g in (decodes, prefills) if g]
+        members = [[AttnMember.of(item, row, bs) for item, row in g] for g in (decodes, prefills) if g]
+        groups = [self.attn_group(m) for m in members]
         meta = BatchMeta(
             input_ids=self._tensor(input_ids),
             positions=self._tensor(positions),
             slot_mapping=self._tensor(slots),
             attn_groups=groups,
             sample_index=self._tensor(sample_rows),
+            layer_attn_groups=self._drop_prefixes(members, groups),
         )
         layout = StepLayout(order, rows)
         for runtime in self.adapter_runtimes:
@@ -75,23 +80,24 @@ class ModelRunner:
                 meta.adapters[runtime.kind] = view
         return meta, sampled
 
-    def _group(self, members: list[tuple[ScheduledSeq, int]]) -> AttnGroup:
+    def attn_group(self, members: list[AttnMember]) -> AttnGroup:
         bs = self.block_size
-        num_q = max(item.num_tokens for item, _ in members)
-        ctx = max(item.seq.num_computed_tokens + item.num_tokens for item, _ in members)
-        num_blocks = cdiv(ctx, bs)
+        num_q = max(m.num_queries for m in members)
+        num_blocks = max(cdiv(m.first_slot + m.num_queries, bs) for m in members)
         token_index, out_index, valid, qpos, tables = [], [], [], [], []
-        for item, row in members:
-            n, start = item.num_tokens, item.seq.num_computed_tokens
-            token_index.append([row + min(q, n - 1) for q in range(num_q)])
-            out_index.extend(range(row, row + n))
+        for m in members:
+            n, last = m.num_queries, m.num_queries - 1
+            token_index.append([m.row + min(q, last) for q in range(num_q)])
+            out_index.extend(range(m.row, m.row + n))
             valid.extend([True] * n + [False] * (num_q - n))
-            qpos.append([start + q for q in range(n)] + [0] * (num_q - n))   # padding attends key 0 only
-            table = item.seq.block_table[:num_blocks]
+            # padding repeats the last real query's position, so no row of the mask is empty
+            qpos.append([m.first_slot - m.pad + min(q, last) for q in range(num_q)])
+            table = m.block_table[:num_blocks]
             tables.append(table + [0] * (num_blocks - len(table)))
-        qpos_t = self._tensor(qpos)[:, None, :, None]                      # [B, 1, Q, 1]
-        kpos = torch.arange(num_blocks * bs, device=self.device)           # [K]
-        causal = kpos <= qpos_t
+        qpos_t = self._tensor(qpos)[:, None, :, None]                                  # [B, 1, Q, 1]
+        pads = self._tensor([m.pad for m in members])[:, None, None, None]
+        kpos = torch.arange(num_blocks * bs, device=self.device) - pads                # [B, 1, 1, K]
+        causal = (kpos >= 0) & (kpos <= qpos_t)
         masks = {None: causal}
         for window in set(self.spec.sliding_window) - {None}:
             masks[window] = causal & (kpos > qpos_t - window)
@@ -103,8 +109,56 @@ class ModelRunner:
             masks=masks,
         )
 
+    def _drop_prefixes(self, members: list[list[AttnMember]], groups: list[AttnGroup]) -> list[list] | None:
+        """AdapterDrop for shared prefixes: in layer l, a member whose first_layer > l attends without its prefix
+        blocks (not gathered, not computed). One group per distinct set of dropping members, built once."""
+        if not any(m.num_virtual and m.first_layer for group in members for m in group):
+            return None
+        built: dict[tuple, AttnGroup] = {}
+        by_layer = []
+        for layer in range(self.spec.num_layers):
+            layer_groups = []
+            for i, (group_members, group) in enumerate(zip(members, groups)):
+                drop = tuple(bool(m.num_virtual) and m.first_layer > layer for m in group_members)
+                if any(drop) and (i, drop) not in built:
+                    built[(i, drop)] = self.attn_group([m.without_prefix(self.block_size) if d else m
+                                                        for m, d in zip(group_members, drop)])
+                layer_groups.append(built[(i, drop)] if any(drop) else group)
+            by_layer.append(layer_groups)
+        return by_layer
+
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+@dataclass
+class AttnMember:
+    """One sequence's queries in an attention group. Key slot s of its block table has position s - pad;
+    query q sits in slot first_slot + q (position first_slot + q - pad). Keys at positions < num_virtual are
+    its adapter's shared prefix (the first pad + num_virtual slots), left out in layers below first_layer
+    (AdapterDrop)."""
+    row: int                      # flat row of its first query
+    num_queries: int
+    first_slot: int
+    block_table: list[int]
+    pad: int = 0
+    num_virtual: int = 0
+    first_layer: int = 0
+
+    def without_prefix(self, block_size: int) -> AttnMember:
+        """The same queries over its own blocks only: key slot s then has position s + num_virtual."""
+        num_prefix_slots = self.pad + self.num_virtual
+        return AttnMember(self.row, self.num_queries, self.first_slot - num_prefix_slots,
+                          self.block_table[num_prefix_slots // block_size:], pad=-self.num_virtual)
+
+    @classmethod
+    def of(cls, item: ScheduledSeq, row: int, block_size: int) -> AttnMember:
+        seq = item.seq
+        prefix = seq.prefix
+        if prefix is None:
+            return cls(row, item.num_tokens, seq.num_computed_tokens, seq.block_table)
+        return cls(row, item.num_tokens, len(prefix.blocks) * block_size + seq.num_computed_tokens,
+                   seq.block_table, prefix.pad, prefix.num_tokens, seq.first_adapter_layer)
 
 
 def batch_order_key(item: ScheduledSeq):

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import itertools
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
 from server.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from server.kv_blocks import SharedPrefix
 
 
 class SequenceStatus(Enum):
@@ -27,10 +31,14 @@ class Sequence:
 
     `num_computed_tokens` counts tokens whose K/V are in the cache; the rest are pending: the whole prompt at
     first (prefilled in one or more chunks), then exactly one token (the last sampled) per decode step.
+    `num_virtual_tokens`: its adapter's prefix / prompt-tuning tokens (0 for other kinds). They are not the
+    sequence's tokens: every count here is of its own tokens, and its own token i has position
+    `num_virtual_tokens + i`. Their K/V live in the adapter's shared blocks (`prefix`), which the block manager
+    attaches at the head of `block_table` on (re-)admission and detaches when it frees the sequence.
     """
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter=None,
-                 first_adapter_layer: int = 0, arrival: float = 0.0):
+                 first_adapter_layer: int = 0, arrival: float = 0.0, num_virtual_tokens: int = 0):
         if not prompt_ids:
             raise ValueError("prompt must contain at least one token")
         self.request_id = request_id
@@ -44,7 +52,9 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_computed_tokens = 0
-        self.block_table: list[int] = []
+        self.num_virtual_tokens = num_virtual_tokens
+        self.prefix: SharedPrefix | None = None     # while it holds blocks and has virtual tokens
+        self.block_table: list[int] = []            # prefix.blocks (if any), then its own blocks
         self.num_preemptions = 0
 
     def __repr__(self):
@@ -54,6 +64,10 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def num_prefix_blocks(self) -> int:
+        return len(self.prefix.blocks) if self.prefix is not None else 0
 
     @property
     def num_tokens(self) -> int:

@@ -11,7 +11,8 @@ from tests.tiny_models import load_hf
 
 
 def randomize_adapter(peft_model, seed: int, std: float = 0.08) -> None:
-    """PEFT initialises lora_B to zero (a no-op adapter); give every adapter tensor random values."""
+    """PEFT initialises lora_B to zero (a no-op adapter); give every adapter tensor random values. Prompt
+    encoders (prefix / prompt tuning, P-tuning) get noise added, so a TEXT init stays close to its text."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -19,6 +20,8 @@ def randomize_adapter(peft_model, seed: int, std: float = 0.08) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif "prompt_encoder." in name:
+                p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 def save_adapter(base_dir: Path, config, out: Path, seed: int) -> Path:

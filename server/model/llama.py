@@ -79,7 +79,7 @@ class Attention(nn.Module):
         q = rotate(q.view(-1, s.num_heads, s.head_dim), cos, sin)
         k = rotate(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
-        o = paged_attention(q, k, v, kv.k[self.layer], kv.v[self.layer], meta.slot_mapping, meta.attn_groups,
+        o = paged_attention(q, k, v, kv.k[self.layer], kv.v[self.layer], meta.slot_mapping, meta.groups(self.layer),
                             self.window, self.scale)
         return self.o_proj(o, meta)
 
@@ -148,7 +148,7 @@ class LlamaModel(nn.Module):
         return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
     def embed(self, meta: BatchMeta) -> torch.Tensor:
-        h = self.embed_tokens(meta.input_ids)
+        h = self.embed_tokens(meta.input_ids) if meta.inputs_embeds is None else meta.inputs_embeds.clone()
         for hook in self.embed_hooks:
             hook(h, meta)
         return h
