@@ -1,8 +1,9 @@
 """Runs the synchronous LLMEngine in its own thread and gives asyncio callers a stream of outputs per request.
 
 Only the engine thread touches the engine. Callers talk to it through a command list (add / abort / call: run
-a function on the engine, e.g. install or unload an adapter) that the thread drains between steps; outputs go back through one `asyncio.Queue` per request, filled
-with `loop.call_soon_threadsafe`. When nothing is running the thread sleeps on a condition variable.
+a function on the engine, e.g. install or unload an adapter) that the thread drains between steps; outputs go
+back through one `asyncio.Queue` per request, filled with `loop.call_soon_threadsafe`. When nothing is running
+the thread sleeps on a condition variable.
 """
 from __future__ import annotations
 

@@ -96,3 +96,16 @@ def test_main_reports_engine_errors_without_traceback(demo_dir, captured_uvicorn
     assert main(argv) == 1
     assert captured_uvicorn == []
     assert "does not fit the KV cache" in caplog.text
+
+
+def test_adapter_lifecycle_flags(demo_dir, tmp_path, capsys):
+    options = parse_serve_options([
+        "serve", "--model", demo_dir, "--adapter", f"a={tmp_path}", "--pin", "a", "--adapter-dir", str(tmp_path),
+        "--max-loras", "8", "--max-adapter-memory", "64MiB", "--max-host-adapter-memory", "0",
+        "--admin-api-key", "adm"])
+    assert (options.pinned, options.adapter_dirs, options.admin_api_key) == (["a"], [str(tmp_path)], "adm")
+    engine = options.engine
+    assert (engine.max_loras, engine.max_adapter_bytes, engine.max_host_adapter_bytes) == (8, 64 * 2**20, 0)
+    assert parse_serve_options(["serve"]).engine.max_adapter_bytes is None        # default: slots only
+    assert "--pin b: no --adapter b=PATH" in parse_error(capsys, ["serve", "--pin", "b"])
+    assert "not a directory" in parse_error(capsys, ["serve", "--adapter-dir", str(tmp_path / "nope")])

@@ -10,12 +10,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+import uvicorn
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from tests.http.conftest import MODEL_NAME, GatedEngine, assert_serving, make_engine, serve
+from server.cli import main
+from tests.http.conftest import KV_CACHE, MODEL_NAME, GatedEngine, ServerThread, assert_serving, make_engine, serve
 from tests.peft_fixtures import save_adapter
 
 LORA = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
@@ -310,5 +313,23 @@ def test_admin_key_guards_admin_routes_only(demo_dir, root):
             assert_serving(http, headers=user)
             assert http.post("/v1/completions", headers=user, json={"model": "k", "prompt": "x",
                                                                     "max_tokens": 2}).status_code == 200
+    finally:
+        thread.stop()
+
+
+def test_cli_serves_pinned_preload_and_adapter_dir(demo_dir, root, monkeypatch):
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    assert main(["serve", "--model", demo_dir, "--kv-cache-memory", KV_CACHE, "--served-model-name", MODEL_NAME,
+                 "--adapter", f"p={root / 'a3'}", "--pin", "p", "--adapter-dir", str(root),
+                 "--admin-api-key", "adm", "--log-level", "warning"]) == 0
+    thread = ServerThread(apps[0]).start()
+    try:
+        with httpx.Client(base_url=thread.url, timeout=30) as http:
+            admin = {"Authorization": "Bearer adm"}
+            assert text(complete(http, "a2")) and text(complete(http, "p", "x"))     # a2 just in time
+            listed = {a["name"]: a for a in http.get("/v1/adapters", headers=admin).json()["data"]}
+            assert listed["p"]["pinned"] and listed["p"]["tier"] == "device" and listed["a2"]["requests_served"] == 1
+            assert http.get("/v1/adapters").status_code == 401
     finally:
         thread.stop()
