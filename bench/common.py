@@ -46,6 +46,20 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
+def run_requests(engine, prompts, names, output_len: int, drop=None) -> float:
+    """Add one greedy request per prompt (request i for adapter names[i], None = base; AdapterDrop `drop`),
+    step the engine until all finish; returns output tokens per second."""
+    from server.sampling import SamplingParams
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for i, (prompt, name) in enumerate(zip(prompts, names)):
+        engine.add_request(f"q{i}", prompt, params, name, adapter_drop=drop if name else None)
+    n_out = 0
+    with Timer() as t:
+        while engine.has_unfinished():
+            n_out += sum(len(o.token_ids) for o in engine.step())
+    return n_out / t.seconds
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

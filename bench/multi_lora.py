@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from bench.common import CACHE, Timer, emit, llama_160m, machine, random_prompts
+from bench.common import CACHE, Timer, emit, llama_160m, machine, random_prompts, run_requests
 from server.config import EngineConfig
 from server.engine import LLMEngine
 from server.sampling import SamplingParams
@@ -39,17 +39,6 @@ def make_adapters(base_path, count: int, rank: int = 16) -> list[str]:
                         p.copy_(torch.randn(p.shape, generator=g) * 0.02)
             model.save_pretrained(path)
     return [str(p) for p in paths]
-
-
-def run_ours(engine, prompts, names, output_len, drop=None):
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    for i, (p, name) in enumerate(zip(prompts, names)):
-        engine.add_request(f"q{i}", p, params, name, adapter_drop=drop if name else None)
-    n_out = 0
-    with Timer() as t:
-        while engine.has_unfinished():
-            n_out += sum(len(o.token_ids) for o in engine.step())
-    return n_out / t.seconds
 
 
 def run_peft(base_path, adapter_paths, prompts, names, output_len):
@@ -100,7 +89,7 @@ def main():
     samples: dict[str, list[float]] = {label: [] for label, *_ in cases}
     for _ in range(args.rounds):
         for label, names, _, drop in cases:
-            samples[label].append(run_ours(engine, prompts, names, args.output_len, drop))
+            samples[label].append(run_requests(engine, prompts, names, args.output_len, drop))
     rows = []
     for label, _, distinct, drop in cases:
         row = dict(case=label, tok_s=statistics.median(samples[label]), samples=samples[label], distinct=distinct,

@@ -18,7 +18,7 @@ import statistics
 
 import torch
 
-from bench.common import CACHE, Timer, emit, llama_160m, machine, random_prompts
+from bench.common import CACHE, Timer, emit, llama_160m, machine, random_prompts, run_requests
 from bench.multi_lora import make_adapters
 from server.config import EngineConfig
 from server.engine import LLMEngine
@@ -77,15 +77,9 @@ class StepStats:
 
 
 def run(engine, stats: StepStats, prompts, names, output_len, drop=None) -> dict:
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     stats.reset()
-    for i, (p, name) in enumerate(zip(prompts, names)):
-        engine.add_request(f"q{i}", p, params, name, adapter_drop=drop if name else None)
-    n_out = 0
-    with Timer() as t:
-        while engine.has_unfinished():
-            n_out += sum(len(o.token_ids) for o in engine.step())
-    return dict(tok_s=n_out / t.seconds, decode_step_ms=statistics.median(stats.decode_ms),
+    tok_s = run_requests(engine, prompts, names, output_len, drop)
+    return dict(tok_s=tok_s, decode_step_ms=statistics.median(stats.decode_ms),
                 key_slots=statistics.mean(stats.key_slots))
 
 
