@@ -105,6 +105,13 @@ def serve(engine, **app_kwargs):
     return thread, Served(thread.url, engine, async_engine)
 
 
+def serve_adapters(engine, adapter_dirs: dict):
+    """serve() an engine with the adapters {name: dir} preloaded."""
+    for name, path in adapter_dirs.items():
+        engine.adapters.load(name, str(path))
+    return serve(engine)
+
+
 @pytest.fixture(scope="session")
 def server(demo_dir):
     thread, served = serve(make_engine(demo_dir))

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoTokenizer
 
-from tests.http.conftest import MODEL_NAME, make_engine, serve
+from tests.http.conftest import MODEL_NAME, make_engine, serve_adapters
 from tests.peft_fixtures import load_peft, save_adapter
 
 ADAPTERS = {
@@ -32,10 +32,7 @@ def adapter_dirs(demo_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_server(demo_dir, adapter_dirs):
-    engine = make_engine(demo_dir)
-    for name, path in adapter_dirs.items():
-        engine.adapters.load(name, str(path))
-    thread, served = serve(engine)
+    thread, served = serve_adapters(make_engine(demo_dir), adapter_dirs)
     yield served
     thread.stop()
 

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from transformers import AutoTokenizer
 
-from tests.http.conftest import MODEL_NAME, make_engine, serve
+from tests.http.conftest import MODEL_NAME, make_engine, serve_adapters
 from tests.peft_fixtures import load_peft, save_adapter
 from tests.tiny_models import load_hf
 
@@ -40,10 +40,7 @@ def adapter_dirs(demo_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompt_server(demo_dir, adapter_dirs):
-    engine = make_engine(demo_dir, max_model_len=MAX_MODEL_LEN)
-    for name, path in adapter_dirs.items():
-        engine.adapters.load(name, str(path))
-    thread, served = serve(engine)
+    thread, served = serve_adapters(make_engine(demo_dir, max_model_len=MAX_MODEL_LEN), adapter_dirs)
     yield served
     thread.stop()
 
