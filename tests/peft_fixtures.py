@@ -39,3 +39,24 @@ def load_peft(base_dir: Path, adapters: dict[str, Path]) -> PeftModel:
         model.load_adapter(adapters[name], adapter_name=name)
     model.eval()
     return model
+
+
+def greedy_full_forward(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding by one full forward per new token (no KV cache): the reference for PEFT's prompt-learning
+    adapters. Returns the new tokens and the logits each was chosen from, `[max_new_tokens, vocab]`.
+
+    Why not `generate`: transformers 5.24 renamed the cache argument `past_key_values` -> `cache` and its
+    `generate` always passes its own `cache`. PEFT (0.21) hands prefix tuning's virtual K/V to the base model as
+    `past_key_values`; given both, transformers keeps `cache` and drops the prefix with only a FutureWarning, so
+    `generate` on a prefix-tuned PeftModel silently runs the base model. Our engine is the side that is right.
+    A plain forward passes the prefix alone (renamed to `cache`, with positions n.. after it), so full
+    forwards give PEFT's real semantics on 5.23 and 5.24 alike.
+    """
+    ids = list(prompt)
+    rows = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            row = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            rows.append(row)
+            ids.append(int(row.argmax()))
+    return ids[len(prompt):], torch.stack(rows)

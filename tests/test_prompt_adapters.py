@@ -21,7 +21,7 @@ from server.kv_blocks import BlockManager, cdiv
 from server.model.spec import ModelSpec
 from server.sampling import ParamError, SamplingParams
 from server.sequence import Sequence
-from tests.peft_fixtures import load_peft, save_adapter
+from tests.peft_fixtures import greedy_full_forward, load_peft, save_adapter
 from server.config import EngineConfig
 from server.engine import LLMEngine
 from tests.test_lora_vs_peft import BASE, run_with_adapters
@@ -61,6 +61,8 @@ class Setup:
 
     @cache
     def reference(self, name: str, prompt: tuple[int, ...]) -> tuple[list[int], torch.Tensor]:
+        if name in PROMPT_KINDS:        # not `generate`: see greedy_full_forward
+            return greedy_full_forward(self.model(name), list(prompt), MAX_NEW)
         return hf_reference(self.model(name), list(prompt))
 
     def engine(self, **kw):
@@ -195,7 +197,7 @@ def test_adapter_drop_hides_virtual_tokens_below_layer(tiny_model_dir, tmp_path,
     model = setup.model(name)
     num_virtual = model.peft_config[name].num_virtual_tokens
     model.base_model.set_attn_implementation(hide_virtual_tokens(num_virtual, drop))
-    ref_tokens, _ = hf_reference(model, prompt)
+    ref_tokens, _ = greedy_full_forward(model, prompt, MAX_NEW)
     assert tokens["d"] == ref_tokens != tokens["full"]
 
 
@@ -317,6 +319,6 @@ def test_prefix_lengths_around_block_boundaries(tiny_model_dir, tmp_path):
                             seed=block_size * 10 + n)
         engine = engine_with(base, {name: path}, block_size=block_size)
         tokens, logits = run_with_adapters(engine, [prompt], [name], [0])
-        ref_tokens, ref_logits = hf_reference(load_peft(base, {name: path}), prompt)
+        ref_tokens, ref_logits = greedy_full_forward(load_peft(base, {name: path}), prompt, MAX_NEW)
         assert tokens[0] == ref_tokens, name
         torch.testing.assert_close(logits[0], ref_logits, atol=ATOL, rtol=0)

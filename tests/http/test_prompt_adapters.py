@@ -7,12 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from transformers import AutoTokenizer
 
 from tests.http.conftest import MODEL_NAME, make_engine, serve_adapters
-from tests.peft_fixtures import load_peft, save_adapter
+from tests.peft_fixtures import greedy_full_forward, load_peft, save_adapter
 from tests.tiny_models import load_hf
 
 MAX_TOKENS = 10
@@ -47,8 +46,8 @@ def prompt_server(demo_dir, adapter_dirs):
 
 def peft_text(demo_dir, adapter_dirs, name: str | None, prompt_ids: list[int]) -> str:
     model = load_hf(Path(demo_dir)) if name is None else load_peft(Path(demo_dir), {name: adapter_dirs[name]})
-    out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
-    return AutoTokenizer.from_pretrained(demo_dir).decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+    tokens, _ = greedy_full_forward(model, prompt_ids, MAX_TOKENS)      # not `generate`: see its docstring
+    return AutoTokenizer.from_pretrained(demo_dir).decode(tokens, skip_special_tokens=True)
 
 
 def complete(served, **body) -> dict:
