@@ -5,7 +5,10 @@ adapter targets (q_proj, k_proj, ... of a fused qkv_proj) it keeps stacks in the
     a:       [S, R_q + R_k + ..., in]  slot s = one adapter's lora_A blocks, one per slice (zero-padded ranks)
     b[name]: [S, width, R_name]        its lora_B with every constant scaling folded in (zero-padded columns)
     g[name]: [S, width]                DoRA's per-column factor (1 for plain LoRA slots)
-Stacks grow (re-allocated, old slots copied) when a slot or rank beyond the current size arrives.
+Stacks grow (re-allocated, old slots copied) when a slot or rank beyond the current size arrives. Every stack
+covers every LoRA slot in use, not only the slots of the adapters that target it: a step's segments are the same
+for all linears of a layer, so a stack first created for an adapter in slot 0 while slot 1 holds an adapter on
+other modules must still have a (zero) row 1.
 Tokens whose request has no LoRA adapter are in no segment and cost nothing.
 """
 from __future__ import annotations
@@ -45,10 +48,12 @@ class LinearLora:
             at += rank
         return out
 
-    def set_slot(self, slot: int, modules: dict) -> None:
-        """Install adapter `modules` ({hf_name: LoraModule}) into `slot`, clearing whatever was there."""
+    def set_slot(self, slot: int, modules: dict, num_slots: int) -> None:
+        """Install adapter `modules` ({hf_name: LoraModule}) into `slot`, clearing whatever was there;
+        `num_slots` (> slot): the slots any stack of this linear must cover (every LoRA slot in use)."""
+        assert num_slots > slot, (num_slots, slot)
         self.clear_slot(slot)
-        self._grow(slot + 1, {name: mod.lora_a.shape[0] for name, mod in modules.items()})
+        self._grow(num_slots, {name: mod.lora_a.shape[0] for name, mod in modules.items()})
         if self.a is None:
             return
         dtype, offsets = self.linear.weight.dtype, self.offsets()
@@ -167,6 +172,7 @@ class LoraRuntime:
                     self.linears[(module.layer, name)] = hook
         self.embedding = EmbeddingLora()
         model.embed_hooks.append(self.embedding)
+        self.slots_in_use: set[int] = set()      # slots holding a LoRA adapter: every stack covers them all
 
     def install(self, slot: int, adapter) -> None:
         """Copy a loaded LoraAdapter's tensors into `slot` of every stack it touches."""
@@ -177,13 +183,16 @@ class LoraRuntime:
         for (layer, name), mod in modules.items():
             hook = self.linears[(layer, name)]
             grouped.setdefault(id(hook), {})[name] = mod
+        self.slots_in_use.add(slot)
+        num_slots = max(self.slots_in_use) + 1
         for hook in self.by_linear:
-            hook.set_slot(slot, grouped.get(id(hook), {}))
+            hook.set_slot(slot, grouped.get(id(hook), {}), num_slots)
         self.embedding.clear_slot(slot)
         if adapter.embed is not None:
             self.embedding.set_slot(slot, adapter.embed, self.model.embed_tokens.weight.dtype)
 
     def remove(self, slot: int) -> None:
+        self.slots_in_use.discard(slot)
         for hook in self.by_linear:
             hook.clear_slot(slot)
         self.embedding.clear_slot(slot)
