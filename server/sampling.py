@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): logits / 1e-300 overflow float32 to inf, and
+# any distribution this sharp is argmax already.
+MIN_TEMPERATURE = 1e-5
+
 
 class ParamError(ValueError):
     """A request parameter is invalid; `param` names it (OpenAI error `param`)."""
@@ -42,4 +46,4 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1

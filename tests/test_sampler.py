@@ -62,3 +62,15 @@ def test_bad_params_name_the_field(kwargs, param):
     with pytest.raises(ParamError) as err:
         SamplingParams(**kwargs)
     assert err.value.param == param
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-45, 1e-38, 9e-6])
+def test_tiny_temperature_is_greedy(temperature):
+    """#11 B: logits / 1e-300 overflow to inf and multinomial raised; any temperature below MIN_TEMPERATURE
+    samples the argmax instead, and its logprobs are still the model's."""
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(3)) * 30
+    params = [SamplingParams(temperature=temperature, logprobs=2), SamplingParams(temperature=0.7),
+              SamplingParams(temperature=temperature, top_p=0.5)]
+    res = sample(logits, params, gens(3))
+    assert [res.token_ids[0], res.token_ids[2]] == [logits[0].argmax().item(), logits[2].argmax().item()]
+    assert res.logprobs[0].logprob == pytest.approx(logits[0].log_softmax(-1).max().item(), abs=1e-5)
