@@ -1,16 +1,17 @@
-"""A tiny random-weight Llama in HF format, so the server runs with no download.
+"""A tiny random-weight Llama in HF format, for tests, benchmarks and as the fallback when the default model
+(server/default_model.py) cannot be fetched.
 
-The weights are random (fixed seed), so its text is gibberish; it exists for tests, demos and benchmarks of the
-serving path. The tokenizer is a byte-level BPE trained on a fixed list of Python stdlib sources.
+The weights are random (fixed seed), so its text is gibberish; it exercises the serving path.
+The tokenizer is a byte-level BPE trained on a fixed list of Python stdlib sources.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
+
+from server.cache_dir import build_once, cache_root
 
 DEFAULT_NAME = "demo-llama"
 
@@ -28,8 +29,7 @@ CORPUS_FILES = ("textwrap.py", "string.py", "heapq.py", "bisect.py", "fnmatch.py
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("PEFTSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "peftserve")
-    return Path(root) / DEFAULT_NAME
+    return cache_root() / DEFAULT_NAME
 
 
 def ensure_demo_model(cache_dir: str | os.PathLike | None = None, *, hidden_size: int = 256,
@@ -39,32 +39,17 @@ def ensure_demo_model(cache_dir: str | os.PathLike | None = None, *, hidden_size
     """Create the demo model directory once and return its path (later calls return the cached one).
 
     `cache_dir` is the model directory itself (default `$PEFTSERVE_CACHE/demo-llama` or
-    `~/.cache/peftserve/demo-llama`). It is written to a temporary sibling and renamed into place, so concurrent
-    first calls never see a half-written model. A cached directory made with other sizes is not rebuilt: give a
-    different `cache_dir` for a different shape.
+    `~/.cache/peftserve/demo-llama`), written atomically (`build_once`). A cached directory made with other
+    sizes is not rebuilt: give a different `cache_dir` for a different shape.
     """
-    target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if (target / "config.json").exists():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    def build(tmp: Path) -> None:
         tokenizer = _train_tokenizer(vocab_size)
         _save_tokenizer(tokenizer, tmp)
         _save_model(tmp, seed=seed, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                     num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                     vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings,
                     bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
-        os.chmod(tmp, 0o755)        # mkdtemp makes it owner-only
-        try:
-            os.rename(tmp, target)
-        except OSError:             # another process won the race; its copy is identical
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    return build_once(Path(cache_dir) if cache_dir is not None else default_cache_dir(), build)
 
 
 def _corpus() -> list[str]:
