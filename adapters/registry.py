@@ -177,6 +177,8 @@ class AdapterRegistry:
         """The checks `add` makes before touching anything, to fail before a slow read."""
         if not name:
             raise AdapterError("adapter name is empty")
+        if any(ord(c) < 32 or c == "\x7f" for c in name):
+            raise AdapterError(f"adapter name {name!r} contains control characters")
         if name in self.handles and not replace:
             raise AdapterExists(f"The lora adapter '{name}' has already been loaded. If you want to load the "
                                 f"adapter in place, set 'load_inplace' to True.")
@@ -198,8 +200,7 @@ class AdapterRegistry:
             elif not self._evictable_kind(handle.kind):
                 if not self.make_resident(handle, busy=None):
                     raise AdapterError(f"no room on the device for {name!r} ({handle.num_bytes} bytes): "
-                                       f"{self.device_bytes} of {self.max_device_bytes} bytes and "
-                                       f"{self.slots.count(None)} free slots, held by adapters in use")
+                                       f"{self._device_usage()}, held by adapters in use")
             else:
                 self._check_fits_beside_pinned(handle)
                 self._install_if_room(handle)
@@ -321,13 +322,23 @@ class AdapterRegistry:
     def _check_fits_beside_pinned(self, handle: AdapterHandle) -> None:
         if handle.pinned or handle.slot is not None:
             return
-        pinned = [h for h in self._all() if (h.pinned or not self._evictable_kind(h.kind)) and h is not handle]
-        used = sum(h.num_bytes for h in pinned)
-        if len(pinned) >= self.max_slots or (self.max_device_bytes is not None
-                                             and used + handle.num_bytes > self.max_device_bytes):
+        fixed = [h for h in self._all() if (h.pinned or not self._evictable_kind(h.kind)) and h is not handle]
+        used = sum(h.num_bytes for h in fixed)
+        if len(fixed) >= self.max_slots or (self.max_device_bytes is not None
+                                            and used + handle.num_bytes > self.max_device_bytes):
+            kinds = " and ".join(what for what, present in (
+                ("pinned adapters", any(h.pinned for h in fixed)),
+                ("prefix / prompt-tuning adapters (never evicted)",
+                 any(not h.pinned for h in fixed))) if present)
+            budget = "" if self.max_device_bytes is None else f", {used} of {self.max_device_bytes} bytes"
             raise AdapterError(f"adapter {handle.name!r} ({handle.num_bytes} bytes) does not fit on the device "
-                               f"beside the pinned adapters ({len(pinned)} of {self.max_slots} slots, {used} of "
-                               f"{self.max_device_bytes} bytes)")
+                               f"beside the {kinds} ({len(fixed)} of {self.max_slots} slots{budget})")
+
+    def _device_usage(self) -> str:
+        """"3 of 4 slots used, 1000 of 4096 bytes" (no bytes part without a byte budget)."""
+        used_slots = self.max_slots - self.slots.count(None)
+        budget = "" if self.max_device_bytes is None else f", {self.device_bytes} of {self.max_device_bytes} bytes"
+        return f"{used_slots} of {self.max_slots} slots used{budget}"
 
     def _install_if_room(self, handle: AdapterHandle) -> None:
         if None in self.slots and (self.max_device_bytes is None

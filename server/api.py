@@ -12,10 +12,11 @@ import asyncio
 import copy
 import json
 import logging
-import secrets
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, TypeVar
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -30,19 +31,22 @@ from adapters.paths import AdapterRoots
 from adapters.registry import AdapterNotFound
 from server.async_engine import AsyncEngine, EngineOverloaded, EngineShutdown, RequestFailed
 from server.errors import APIError, ModelNotFound, from_validation_errors, to_api_error
-from server.lifecycle import AdapterLifecycle, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from server.lifecycle import AdapterLifecycle, AdapterList, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.metrics import RequestCounter, ServerMetrics
+from server.middleware import ADMIN_ROUTES, BearerAuth, BodySizeLimit
+from server.openapi import admin_responses, generation_responses, plain_text, responses
 from server.outputs import RequestOutput
-from server.protocol import (ChatCompletionRequest, ChatFormatter, CompletionFormatter, CompletionRequest,
-                             ModelCard, ModelList, new_id)
+from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatFormatter, CompletionFormatter,
+                             CompletionRequest, CompletionResponse, Health, ModelCard, ModelList, new_id)
 from server.sampling import ParamError, SamplingParams
 
 log = logging.getLogger(__name__)
 
-INFERENCE_PREFIX = "/v1/"        # paths that need the API key when one is set
-ADMIN_ROUTES = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters"}
 ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", *ADMIN_ROUTES}
 CLIENT_CLOSED = 499              # nginx's status for "client closed request"; nobody receives it
+MAX_BODY_BYTES = 8 * 2**20       # default request-body limit (413 beyond it)
+TOKENIZE_THREADS = 2             # prompts tokenized at once, off the event loop
+T = TypeVar("T")
 
 
 def resolve_model(name: str, base_name: str, adapters, adapter_id: str | None = None) -> str | None:
@@ -60,19 +64,40 @@ def resolve_model(name: str, base_name: str, adapters, adapter_id: str | None = 
 
 
 class _Serving:
-    """What the routes share: the engine, an HTTP-side tokenizer, metrics."""
+    """What the routes share: the engine, the HTTP side's tokenizers, metrics."""
 
     def __init__(self, async_engine: AsyncEngine, metrics: ServerMetrics, lifecycle: AdapterLifecycle):
         engine = async_engine.engine
         self.async_engine = async_engine
         # The engine thread detokenizes with engine.tokenizer; a Rust tokenizer must not be shared across threads.
+        # `tokenizer` (event loop) decodes a few ids per output; whole prompts are encoded on worker threads, each
+        # with its own copy, so a megabyte prompt never stalls the event loop (/health, other streams) and a
+        # second worker serves other prompts meanwhile.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self._source_tokenizer = engine.tokenizer
+        self._copy_lock = threading.Lock()
+        self._local = threading.local()
+        self._tokenize_threads = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
         self.context_len = engine.context_len         # max_model_len less an adapter's virtual tokens
         self.adapters = engine.adapters
         self.metrics = metrics
         self.lifecycle = lifecycle
+
+    async def tokenize(self, fn: Callable[..., T]) -> T:
+        """`fn(tokenizer)` on a tokenizing thread (a prompt's encode or chat template, an echo's decode)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_threads, self._call, fn)
+
+    def _call(self, fn: Callable[..., T]) -> T:
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            with self._copy_lock:           # deepcopy of the engine's tokenizer, never while another copies it
+                tokenizer = self._local.tokenizer = copy.deepcopy(self._source_tokenizer)
+        return fn(tokenizer)
+
+    def close(self) -> None:
+        self._tokenize_threads.shutdown(wait=False, cancel_futures=True)
 
     async def resolve(self, body) -> str | None:
         """resolve_model, loading an adapter that is not loaded yet from an --adapter-dir just in time."""
@@ -101,12 +126,15 @@ class _Serving:
 
 
 def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_api_key: str | None = None,
-              adapter_dirs: list[str] = ()) -> FastAPI:
+              adapter_dirs: list[str] = (), max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The app serving `async_engine`; it starts the engine thread on startup and stops it on shutdown.
 
     `api_key` guards the /v1/ routes; `admin_api_key` (default: `api_key`) guards ADMIN_ROUTES instead.
     Adapters load from inside `adapter_dirs` (by relative path, or just in time by name) or from the
-    directories of adapters already loaded when the app is built (the preloaded ones)."""
+    directories of adapters already loaded when the app is built (the preloaded ones). A request body over
+    `max_body_bytes` is a 413."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -114,6 +142,7 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
         try:
             yield
         finally:
+            serving.close()
             await asyncio.to_thread(async_engine.shutdown)
 
     app = FastAPI(title="peftserve", lifespan=lifespan)
@@ -122,34 +151,36 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
     lifecycle = AdapterLifecycle(async_engine, AdapterRoots(adapter_dirs, preloaded))
     serving = _Serving(async_engine, metrics, lifecycle)
     _add_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if api_key or admin_api_key:
-        app.add_middleware(_BearerAuth, api_key=api_key, admin_api_key=admin_api_key or api_key)
-    app.add_middleware(RequestCounter, metrics=metrics)     # outermost: counts 401s too
+        app.add_middleware(BearerAuth, api_key=api_key, admin_api_key=admin_api_key or api_key)
+    app.add_middleware(RequestCounter, metrics=metrics)     # outermost: counts 401s and 413s too
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, responses=generation_responses(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request):
         adapter = await serving.resolve(body)
         prompt = body.single_prompt()
         params = body.sampling_params()
-        prompt_ids = prompt if isinstance(prompt, list) else serving.tokenizer.encode(prompt)
-        echo_text = "" if not body.echo else prompt if isinstance(prompt, str) else serving.tokenizer.decode(prompt)
+        prompt_ids = prompt if isinstance(prompt, list) else await serving.tokenize(lambda t: t.encode(prompt))
+        echo_text = "" if not body.echo else prompt if isinstance(prompt, str) else \
+            await serving.tokenize(lambda t: t.decode(prompt))
         request_id = new_id("cmpl")
         formatter = CompletionFormatter(serving.tokenizer, request_id, body.model, echo_text=echo_text,
                                         include_usage=body.include_usage)
         outputs = serving.generate(prompt_ids, params, adapter, request_id, body.adapter_drop)
         return await _respond(request, outputs, formatter, body.stream)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, responses=generation_responses(ChatCompletionResponse))
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         adapter = await serving.resolve(body)
-        prompt_ids = _chat_prompt_ids(serving.tokenizer, body)
+        prompt_ids = await serving.tokenize(lambda t: _chat_prompt_ids(t, body))
         params = body.sampling_params(len(prompt_ids), serving.context_len(adapter))
         request_id = new_id("chatcmpl")
         formatter = ChatFormatter(serving.tokenizer, request_id, body.model, include_usage=body.include_usage)
         outputs = serving.generate(prompt_ids, params, adapter, request_id, body.adapter_drop)
         return await _respond(request, outputs, formatter, body.stream)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=responses(401))
     async def models() -> ModelList:
         cards = [ModelCard(id=serving.model_name, max_model_len=serving.max_model_len)]
         cards += [ModelCard(id=name, parent=serving.model_name, root=handle.path,
@@ -157,18 +188,16 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
                   for name, handle in sorted(serving.adapters.handles.items())]
         return ModelList(data=cards)
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
+              responses=admin_responses("Success: LoRA adapter 'NAME' added successfully."))
     async def load_lora_adapter(body: LoadLoraAdapterRequest):
-        if not body.lora_name or not body.lora_path:
-            raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.", param="lora_name")
         await lifecycle.load(body.lora_name, body.lora_path, replace=body.load_inplace, pinned=body.pinned,
                              drop_layers=body.adapter_drop)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse,
+              responses=admin_responses("Success: LoRA adapter 'NAME' removed successfully."))
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
-        if not body.lora_name:
-            raise APIError(400, "'lora_name' must be provided.", param="lora_name")
         try:
             await lifecycle.unload(body.lora_name)
         except AdapterNotFound:
@@ -176,17 +205,17 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
                            code="adapter_not_found") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
-    @app.get("/v1/adapters")
-    async def adapters():
+    @app.get("/v1/adapters", responses=responses(401))
+    async def adapters() -> AdapterList:
         return lifecycle.describe()
 
-    @app.get("/health")
-    async def health():
+    @app.get("/health", responses={503: {"model": Health, "description": "the engine is not running"}})
+    async def health() -> Health:
         if not async_engine.is_running:
             return JSONResponse({"status": "engine not running"}, status_code=503)
-        return {"status": "ok"}
+        return Health(status="ok")
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=plain_text("Prometheus text format"))
     async def prometheus_metrics():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -272,7 +301,7 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-# ---- errors and auth -------------------------------------------------------------------------------------------
+# ---- errors -------------------------------------------------------------------------------------------
 def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: Exception) -> Response:
         error = to_api_error(exc)
@@ -292,25 +321,3 @@ def _add_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc_class, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-
-
-class _BearerAuth:
-    """ASGI middleware: ADMIN_ROUTES need `Authorization: Bearer <admin_api_key>`, other paths under /v1/
-    `Bearer <api_key>` (a key that is None lets its paths through)."""
-
-    def __init__(self, app, api_key: str | None, admin_api_key: str | None):
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
-        self.expected_admin = f"Bearer {admin_api_key}".encode() if admin_api_key else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith(INFERENCE_PREFIX):
-            is_admin = scope["path"] in ADMIN_ROUTES
-            expected = self.expected_admin if is_admin else self.expected
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if expected is not None and not secrets.compare_digest(given, expected):
-                which = "admin API key" if is_admin else "API key"
-                error = APIError(401, f"missing or invalid {which} (send 'Authorization: Bearer <key>')",
-                                 code="invalid_api_key")
-                return await error.response()(scope, receive, send)
-        await self.app(scope, receive, send)

@@ -5,7 +5,9 @@ request parsing can raise to one, so a route never decides a status code itself.
 """
 from __future__ import annotations
 
-from fastapi.responses import JSONResponse
+import json
+
+from fastapi.responses import Response
 
 from adapters.config import AdapterError
 from adapters.paths import AdapterPathNotFound
@@ -18,6 +20,7 @@ ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "invalid_request_error",
+    413: "invalid_request_error",
     422: "invalid_request_error",
     500: "server_error",
     503: "service_unavailable_error",
@@ -39,8 +42,9 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self) -> Response:
+        # ASCII JSON: a message quoting the client's input can hold anything, even lone surrogates
+        return Response(json.dumps(self.body()), status_code=self.status, media_type="application/json")
 
 
 class ModelNotFound(APIError):
@@ -71,8 +75,16 @@ def to_api_error(exc: BaseException) -> APIError:
     return APIError(500, f"internal error ({type(exc).__name__})", code="internal_error")
 
 
+# pydantic error types of a value of the right JSON type outside the documented limits (HTTP 400, as OpenAI);
+# any other (missing field, wrong type) is a schema error (HTTP 422).
+VALUE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long",
+                "string_too_short", "string_too_long", "string_pattern_mismatch", "finite_number", "string_unicode", "value_error"}
+
+
 def from_validation_errors(errors: list[dict]) -> APIError:
-    """FastAPI's RequestValidationError.errors() as one APIError: 400 for a body that is not JSON, else 422.
+    """FastAPI's RequestValidationError.errors() as one APIError: 400 for a body that is not JSON or for values
+    outside the schema's limits (every bad field has a value of the right type, or of the right type for one
+    member of its union), else 422.
 
     `param` is the first offending field (e.g. "temperature", "messages.0.role"); one message per field.
     """
@@ -82,12 +94,27 @@ def from_validation_errors(errors: list[dict]) -> APIError:
             return APIError(400, f"request body is not valid JSON ({detail})" if detail else
                             "request body is not valid JSON")
     messages: dict[str, str] = {}
+    value_messages: dict[str, str] = {}         # only the errors of values outside limits
+    members: dict[tuple, bool] = {}             # (top-level field, union members taken) -> all its errors are value errors
     for error in errors:
-        field = ".".join(str(part) for part in error.get("loc", ()) if part != "body" and not _is_union_tag(part))
+        loc = [part for part in error.get("loc", ()) if part != "body"]
+        field = ".".join(str(part) for part in loc if not _is_union_tag(part))
+        is_value = error.get("type") in VALUE_ERRORS
         messages.setdefault(field, error.get("msg", "invalid value"))
+        if is_value:
+            value_messages.setdefault(field, error.get("msg", "invalid value"))
+        member = (str(loc[0]) if loc else "", tuple(str(part) for part in loc if _is_union_tag(part)))
+        members[member] = members.get(member, True) and is_value
+    # a field is out of range when some member of its union has the right type and only bad values
+    out_of_range: dict[str, bool] = {}
+    for (top, _), value_only in members.items():
+        out_of_range[top] = out_of_range.get(top, False) or value_only
+    status = 400 if out_of_range and all(out_of_range.values()) else 422
+    if status == 400:                           # a union member of the right type says why; drop the others
+        messages = value_messages
     first = next(iter(messages), "")
     text = "; ".join(f"{field or 'body'}: {msg}" for field, msg in messages.items())
-    return APIError(422, text or "invalid request body", param=first or None)
+    return APIError(status, text or "invalid request body", param=first or None)
 
 
 def _is_union_tag(part) -> bool:

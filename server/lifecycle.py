@@ -12,30 +12,71 @@ loaded this way (the kind is detected from adapter_config.json), whatever the ro
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.paths import AdapterRoots
 from adapters.registry import AdapterExists, AdapterHandle
 from server.async_engine import AsyncEngine
+from server.protocol import MAX_INT32, Text
+
+# An adapter name is what clients put in `model`: no control characters (NUL, newlines); "org/name" is fine.
+AdapterName = Annotated[Text, Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
+AdapterPath = Annotated[Text, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
 
 
 class LoadLoraAdapterRequest(BaseModel):
     """vLLM's body, plus `pinned` and `adapter_drop`."""
     model_config = ConfigDict(extra="ignore")
 
-    lora_name: str | None = None
-    lora_path: str | None = None
+    lora_name: AdapterName
+    lora_path: AdapterPath
     load_inplace: bool = False                  # replace a loaded adapter of that name (in-flight requests drain)
     pinned: bool = False                        # extension: keep it on the device, never evicted
-    adapter_drop: int = Field(default=0, ge=0)  # extension: its default AdapterDrop layer
+    adapter_drop: int = Field(default=0, ge=0, le=MAX_INT32)  # extension: its default AdapterDrop layer
 
 
 class UnloadLoraAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    lora_name: str | None = None
-    lora_int_id: int | None = None
+    lora_name: AdapterName
+    lora_int_id: int | None = None              # vLLM's; ignored
+
+
+class AdapterInfo(BaseModel):
+    """One loaded adapter in GET /v1/adapters."""
+    name: str
+    kind: str                                   # "lora", "PREFIX_TUNING", ...
+    path: str
+    tier: Literal["device", "host", "disk"]
+    pinned: bool
+    rank: int | None
+    num_bytes: int
+    slot: int | None
+    adapter_drop: int
+    active_requests: int
+    requests_served: int
+
+
+class AdapterUsage(BaseModel):
+    device_bytes: int
+    max_device_bytes: int | None
+    host_bytes: int
+    max_host_bytes: int | None
+    slots_used: int
+    max_slots: int
+    num_draining: int
+    num_loading: int
+    num_installs: int
+    num_evictions: int
+    num_reloads: int
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+    usage: AdapterUsage
 
 
 class AdapterLifecycle:
@@ -78,5 +119,5 @@ class AdapterLifecycle:
         except AdapterExists:
             pass                                # loaded meanwhile through the admin route
 
-    def describe(self) -> dict:
-        return {"object": "list", "data": self.registry.describe(), "usage": self.registry.usage()}
+    def describe(self) -> AdapterList:
+        return AdapterList(data=self.registry.describe(), usage=self.registry.usage())

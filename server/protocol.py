@@ -7,17 +7,37 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from server.outputs import RequestOutput, TokenLogprob
-from server.sampling import ParamError, SamplingParams
+from server.sampling import MIN_TEMPERATURE, ParamError, SamplingParams
 
 MAX_TOP_LOGPROBS = 20
 
 
 # ---- requests ------------------------------------------------------------------------------------------------
+# The limits SamplingParams enforces, stated in the schema (a value outside them is a 400 naming the field).
+MAX_STOP = 4
+MAX_INT32 = 2**31 - 1
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1          # what torch.Generator.manual_seed takes
+
+
+def _utf8(text: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"); they are not text, and tokenizers refuse them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"string is not valid Unicode text (lone surrogate at position {exc.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_utf8)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT32)]], Field(min_length=1)]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -25,22 +45,25 @@ class StreamOptions(BaseModel):
 class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None                      # extension
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    model: NonEmptyText
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False,
+                                      description=f"0 (or below {MIN_TEMPERATURE}): greedy")
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_INT32, description="extension; 0 disables it")
+    stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = 1
+    stream_options: StreamOptions | None = Field(default=None, description="only with stream=true")
+    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
     ignore_eos: bool = False                      # extension
-    adapter_id: str | None = None                 # extension (LoRAX): the adapter, whatever `model` says
-    adapter_drop: int | None = Field(default=None, ge=0)   # extension: skip the adapter in layers below this
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    adapter_id: NonEmptyText | None = Field(default=None, description="extension (LoRAX): the adapter to use, "
+                                                                       "whatever `model` says")
+    adapter_drop: int | None = Field(default=None, ge=0, le=MAX_INT32,
+                                     description="extension: skip the adapter in decoder layers below this one")
+    presence_penalty: float | None = Field(default=None, ge=0, le=0, description="not supported: 0 or absent")
+    frequency_penalty: float | None = Field(default=None, ge=0, le=0, description="not supported: 0 or absent")
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=0, description="not supported")
+    user: Text | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -69,12 +92,14 @@ class _GenerationRequest(BaseModel):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: (NonEmptyText | TokenIds | Annotated[list[NonEmptyText], Field(min_length=1)]
+             | Annotated[list[TokenIds], Field(min_length=1)]) = Field(
+        description="one prompt: text or token ids; a list of prompts must hold exactly one (400 otherwise)")
+    max_tokens: int | None = Field(default=16, ge=1, le=MAX_INT32)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="not with echo")
     echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1, le=1, description="not supported: 1 or absent")
+    suffix: str | None = Field(default=None, max_length=0, description="not supported")
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt: a string or token ids (a one-element batch is unwrapped)."""
@@ -99,14 +124,20 @@ class CompletionRequest(_GenerationRequest):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")      # name, tool_call_id, ... pass through to the template
 
-    role: str
-    content: str | list[TextPart] | None = None
+    role: NonEmptyText
+    content: Text | list[TextPart] | None = None
+
+    @model_validator(mode="after")
+    def _extras_are_text(self):
+        for value in (self.model_extra or {}).values():
+            _check_strings(value)
+        return self
 
     def template_dict(self) -> dict:
         message = self.model_dump(exclude_none=True)
@@ -116,12 +147,25 @@ class ChatMessage(BaseModel):
         return message
 
 
+def _check_strings(value) -> None:
+    """_utf8 on every string inside a JSON value."""
+    if isinstance(value, str):
+        _utf8(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key)
+            _check_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item)
+
+
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT32, description="default: the rest of the context")
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT32)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="needs logprobs=true")
 
     def sampling_params(self, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
         """Without max_(completion_)tokens the reply may use the rest of the context."""
@@ -260,6 +304,10 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str                                   # "ok", or why not (503)
 
 
 # ---- engine outputs -> responses -------------------------------------------------------------------------------

@@ -123,7 +123,8 @@ def test_load_and_unload_speak_vllm(http, root, expected):
     nowhere = load(http, "y", root / "no-such-adapter")
     assert nowhere.status_code == 404 and "No adapter found" in nowhere.json()["error"]["message"]
     assert load(http, "", "a1").status_code == 400
-    assert http.post("/v1/load_lora_adapter", json={"lora_name": "y"}).status_code == 400
+    assert load(http, "a\x00b", "a1").status_code == 400                  # #11: NUL in a name
+    assert http.post("/v1/load_lora_adapter", json={"lora_name": "y"}).status_code == 422   # lora_path missing
 
 
 def test_adapters_endpoint(http, root, size):
