@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
-from server.outputs import RequestOutput
+from server.outputs import RequestFailed, RequestOutput
 from server.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -27,10 +27,6 @@ class EngineOverloaded(RuntimeError):
 
 class EngineShutdown(RuntimeError):
     """The engine is not running (not started, or shut down)."""
-
-
-class RequestFailed(RuntimeError):
-    """The engine raised while running this request (HTTP 500); the engine itself keeps serving."""
 
 
 @dataclass

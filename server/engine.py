@@ -15,11 +15,11 @@ from adapters.registry import AdapterRegistry
 from server.config import EngineConfig
 from server.detokenizer import Detokenizer
 from server.kv_blocks import BlockManager
-from server.outputs import RequestOutput, TokenLogprob
+from server.outputs import RequestFailed, RequestOutput, TokenLogprob
 from server.runner import ModelRunner
-from server.sampler import SampleResult, sample
+from server.sampler import sample
 from server.sampling import ParamError, SamplingParams
-from server.scheduler import Scheduler, SchedulerOutput
+from server.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from server.sequence import FinishReason, Sequence
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,8 @@ class LLMEngine:
 
     # ---- one iteration -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One iteration. A request whose share of it raises (its adapter's kernels, its sampling, its
+        detokenization) gets a final output with `error` set; the step's other requests go on unharmed."""
         outputs = [self._output(s, [], None, final=True) for s in self._aborted]
         self._aborted = []
         outputs += self._apply_adapter_reads()
@@ -140,26 +142,88 @@ class LLMEngine:
             if self.adapters.has_pending_loads():
                 self.adapters.wait_for_loads(LOAD_WAIT_S)
             return outputs
-        sampled, logits = self.runner.run(batch)
+        sampled, logits, failed = self._forward(batch)
         states = [self.requests[item.seq.request_id] for item in sampled]
-        result = sample(logits, [s.seq.params for s in states], [s.generator for s in states])
-        return outputs + self._postprocess(batch, states, result)
+        samples = self._sample(logits, states)
+        return outputs + [self._fail(s, exc) for s, exc in failed] + self._postprocess(batch, states, samples)
+
+    def _forward(self, batch: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor, list]:
+        """runner.run(batch); if it raises, each sequence runs alone (a request's numbers do not depend on its
+        neighbours, so the outputs are the same) and those that raise alone fail: (state, exception) pairs."""
+        try:
+            sampled, logits = self.runner.run(batch)
+            return sampled, logits, []
+        except Exception as exc:
+            log.warning("step of %d sequences failed (%s: %s); running them one by one",
+                        len(batch.scheduled), type(exc).__name__, exc)
+        sampled, rows, failed = [], [], []
+        for item in batch.scheduled:
+            try:
+                one_sampled, one_logits = self.runner.run(SchedulerOutput(scheduled=[item]))
+            except Exception as exc:
+                log.exception("request %s failed in the model forward", item.seq.request_id)
+                failed.append((self.requests[item.seq.request_id], exc))
+                continue
+            sampled += one_sampled
+            rows.append(one_logits)
+        batch.scheduled = [item for item in batch.scheduled
+                           if all(item.seq is not state.seq for state, _ in failed)]
+        logits = torch.cat(rows) if rows else torch.empty(0, self.vocab_size)
+        return sampled, logits, failed
+
+    def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> list[tuple | Exception]:
+        """(token, logprob) per state, or the exception its sampling raised (the batch is sampled row by row
+        then: each row only depends on its own parameters and generator)."""
+        try:
+            result = sample(logits, [s.seq.params for s in states], [s.generator for s in states])
+            return list(zip(result.token_ids, result.logprobs))
+        except Exception:
+            log.warning("batched sampling failed; sampling row by row", exc_info=True)
+        samples = []
+        for i, state in enumerate(states):
+            try:
+                result = sample(logits[i:i + 1], [state.seq.params], [state.generator])
+                samples.append((result.token_ids[0], result.logprobs[0]))
+            except Exception as exc:
+                log.exception("request %s failed in sampling", state.seq.request_id)
+                samples.append(exc)
+        return samples
 
     def _postprocess(self, batch: SchedulerOutput, states: list[RequestState],
-                     result: SampleResult) -> list[RequestOutput]:
+                     samples: list[tuple | Exception]) -> list[RequestOutput]:
         for item in batch.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
         outputs = []
-        for state, token, logprob in zip(states, result.token_ids, result.logprobs):
-            seq = state.seq
-            seq.append_token(token)
-            stopped_by_text = state.detok.add(token)
-            reason = self._finish_reason(seq, token, stopped_by_text)
-            if reason is not None:
-                self._finish(seq, reason)
-                del self.requests[seq.request_id]
-            outputs.append(self._output(state, [token], logprob, final=reason is not None))
+        for state, sampled in zip(states, samples):
+            if isinstance(sampled, Exception):
+                outputs.append(self._fail(state, sampled))
+                continue
+            try:
+                outputs.append(self._append(state, *sampled))
+            except Exception as exc:
+                log.exception("request %s failed in postprocessing", state.seq.request_id)
+                outputs.append(self._fail(state, exc))
         return outputs
+
+    def _append(self, state: RequestState, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        seq = state.seq
+        seq.append_token(token)
+        stopped_by_text = state.detok.add(token)
+        reason = self._finish_reason(seq, token, stopped_by_text)
+        if reason is not None:
+            self._finish(seq, reason)
+            del self.requests[seq.request_id]
+        return self._output(state, [token], logprob, final=reason is not None)
+
+    def _fail(self, state: RequestState, exc: Exception) -> RequestOutput:
+        """End one request with an error output; it frees its blocks and adapter like any other finish."""
+        seq = state.seq
+        if self.requests.pop(seq.request_id, None) is not None:
+            self._finish(seq, FinishReason.ABORT)
+        error = RequestFailed(f"internal error while generating ({type(exc).__name__}: {exc})")
+        return RequestOutput(request_id=seq.request_id, token_ids=[], text="", logprobs=None, finished=True,
+                             finish_reason=FinishReason.ABORT.value, num_prompt_tokens=seq.num_prompt_tokens,
+                             num_output_tokens=len(seq.output_ids), error=error)
 
     def _apply_adapter_reads(self) -> list[RequestOutput]:
         """Adapters read back from disk go to the host tier; a failed read fails the requests waiting for it."""

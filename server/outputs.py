@@ -30,3 +30,7 @@ class RequestOutput:
     num_output_tokens: int
     error: Exception | None = None      # set on a final output when the request failed (e.g. its adapter's
                                         # checkpoint could not be read back from disk)
+
+
+class RequestFailed(RuntimeError):
+    """The engine raised while running this request (HTTP 500); the engine, and every other request, go on."""
