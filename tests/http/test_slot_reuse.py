@@ -37,33 +37,30 @@ def test_lora_after_slot_reuse_by_other_modules(demo_dir, zoo, solo):
     assert out == [list(solo.tokens(n, tuple(p), 6)) for n, p in zip(names, PROMPTS)]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", range(12))
 def test_random_loads_unloads_requests_give_solo_outputs(demo_dir, zoo, solo, seed):
-    """Random loads / unloads / replacements and mixed batches on an engine with 3 slots, so slots are reused by
-    adapters of other kinds and other target modules all the time."""
+    """A fresh engine with 3 slots; random loads, unloads and in-place replacements of adapters of every kind and
+    target module, each followed by one mixed batch of every loaded adapter and the base: slots are reused by
+    other kinds and other modules all the time, and stacks are created while higher slots are in use."""
     rng = random.Random(seed)
     engine = make_engine(demo_dir, max_loras=3)
-    loaded: set[str] = set()
-    num_batches = 0
-    for _ in range(24):
-        op = rng.random()
+    loaded: list[str] = []
+    for _ in range(10):
         name = rng.choice(list(ZOO))
-        if op < 0.35 and name not in loaded and len(loaded) < 3:
+        if name not in loaded and len(loaded) < 3:
             engine.adapters.load(name, str(zoo[name]))
-            loaded.add(name)
-        elif op < 0.5 and name in loaded:
+            loaded.append(name)
+        elif name in loaded and rng.random() < 0.7:
             engine.adapters.unload(name)
-            loaded.discard(name)
-        elif op < 0.6 and name in loaded:
+            loaded.remove(name)
+        elif name in loaded:
             engine.adapters.load(name, str(zoo[name]), replace=True)
-        else:
-            names = [rng.choice([None, *sorted(loaded)]) for _ in range(rng.randint(1, 5))]
-            prompts = [rng.choice(PROMPTS) for _ in names]
-            max_tokens = rng.randint(1, 6)
-            out = engine.generate(prompts, greedy(max_tokens), names)
-            assert out == [list(solo.tokens(n, tuple(p), max_tokens)) for n, p in zip(names, prompts)], names
-            num_batches += 1
+        names = [None, *loaded]
+        rng.shuffle(names)
+        prompts = [rng.choice(PROMPTS) for _ in names]
+        max_tokens = rng.randint(1, 4)
+        out = engine.generate(prompts, greedy(max_tokens), names)
+        assert out == [list(solo.tokens(n, tuple(p), max_tokens)) for n, p in zip(names, prompts)], names
         idle_blocks = sum(len(prefix.blocks) for prefix in engine.prefixes.prefixes.values())
         assert engine.scheduler.blocks.num_used == idle_blocks       # only the loaded prefixes' blocks
-    assert num_batches >= 5
-    assert all(h.refcount == 0 for h in engine.adapters.handles.values())
+        assert all(h.refcount == 0 for h in engine.adapters.handles.values()) and not engine.adapters.draining
