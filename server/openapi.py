@@ -42,7 +42,13 @@ def generation_responses(model: type[BaseModel]) -> dict:
 
 
 def admin_responses(success: str) -> dict:
-    return {**plain_text(success), **responses(400, 401, 404, 413, 422, 500, 503)}
+    """Load / unload: the 200 body is text (vLLM's), errors are JSON. Explicit content, since a route whose
+    response_class is text would otherwise document its error models as text too (the ErrorResponse component
+    itself is registered by the generation routes)."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    return {**plain_text(success),
+            **{status: {"description": ERRORS[status], "content": error}
+               for status in (400, 401, 404, 413, 422, 500, 503)}}
 
 
 def plain_text(description: str) -> dict:
