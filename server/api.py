@@ -12,6 +12,7 @@ import asyncio
 import copy
 import json
 import logging
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,8 +75,9 @@ class _Serving:
         # with its own copy, so a megabyte prompt never stalls the event loop (/health, other streams) and a
         # second worker serves other prompts meanwhile.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
-        self._source_tokenizer = engine.tokenizer
-        self._copy_lock = threading.Lock()
+        self._spare_tokenizers: queue.SimpleQueue = queue.SimpleQueue()     # one per worker, copied up front
+        for _ in range(TOKENIZE_THREADS):
+            self._spare_tokenizers.put(copy.deepcopy(engine.tokenizer))
         self._local = threading.local()
         self._tokenize_threads = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
         self.model_name = engine.model_name
@@ -90,11 +92,9 @@ class _Serving:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_threads, self._call, fn)
 
     def _call(self, fn: Callable[..., T]) -> T:
-        tokenizer = getattr(self._local, "tokenizer", None)
-        if tokenizer is None:
-            with self._copy_lock:           # deepcopy of the engine's tokenizer, never while another copies it
-                tokenizer = self._local.tokenizer = copy.deepcopy(self._source_tokenizer)
-        return fn(tokenizer)
+        if not hasattr(self._local, "tokenizer"):       # this worker's first call: take its own copy
+            self._local.tokenizer = self._spare_tokenizers.get_nowait()
+        return fn(self._local.tokenizer)
 
     def close(self) -> None:
         self._tokenize_threads.shutdown(wait=False, cancel_futures=True)
