@@ -154,6 +154,11 @@ class LLMEngine:
             sampled, logits = self.runner.run(batch)
             return sampled, logits, []
         except Exception as exc:
+            if len(batch.scheduled) == 1:
+                log.exception("request %s failed in the model forward", batch.scheduled[0].seq.request_id)
+                failed = [(self.requests[batch.scheduled[0].seq.request_id], exc)]
+                batch.scheduled = []
+                return [], torch.empty(0, self.vocab_size), failed
             log.warning("step of %d sequences failed (%s: %s); running them one by one",
                         len(batch.scheduled), type(exc).__name__, exc)
         sampled, rows, failed = [], [], []

@@ -175,6 +175,9 @@ def test_exception_in_one_adapters_kernel(served, solo, monkeypatch):
 
     monkeypatch.setattr(LinearLora, "__call__", poisoned)
     check(served, solo, body("bad", PROMPTS[2]), "injected kernel fault")
+    status, _, error = post(served, body("bad", PROMPTS[2]))           # alone in its steps
+    assert status == 500 and "injected kernel fault" in error["message"]
+    assert_idle(served)
 
 
 def test_install_failing_halfway_leaves_no_trace(served, solo, monkeypatch):

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from tests.http.adapter_zoo import ZOO, SoloReference, greedy, save_zoo
-from tests.http.conftest import make_engine
+from tests.http.conftest import make_engine, serve
 
 PROMPTS = [[5, 17, 300, 42], [900, 3, 3, 81, 7, 64, 12], [250], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
 
@@ -64,3 +64,26 @@ def test_random_loads_unloads_requests_give_solo_outputs(demo_dir, zoo, solo, se
         idle_blocks = sum(len(prefix.blocks) for prefix in engine.prefixes.prefixes.values())
         assert engine.scheduler.blocks.num_used == idle_blocks       # only the loaded prefixes' blocks
         assert all(h.refcount == 0 for h in engine.adapters.handles.values()) and not engine.adapters.draining
+
+
+def test_issue_sequence_over_http_with_just_in_time_loading(demo_dir, zoo, solo):
+    """#11 A as reported: --adapter-dir with prefix, lora-mlp and dora-ko, loaded just in time by requests."""
+    thread, served = serve(make_engine(demo_dir), adapter_dirs=[str(zoo["prefix"].parent)])
+    prompt = PROMPTS[1]
+
+    def complete(http, model):
+        body = {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        response = http.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    try:
+        with served.client() as http:
+            for model in ("prefix", "lora-mlp"):
+                complete(http, model)
+            assert http.post("/v1/unload_lora_adapter", json={"lora_name": "prefix"}).status_code == 200
+            assert complete(http, "dora-ko") == solo.text("dora-ko", tuple(prompt), 6)
+            for _ in range(2):
+                assert complete(http, "lora-mlp") == solo.text("lora-mlp", tuple(prompt), 6)
+    finally:
+        thread.stop()
