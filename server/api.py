@@ -12,12 +12,9 @@ import asyncio
 import copy
 import json
 import logging
-import queue
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
-from typing import AsyncIterator, Callable, TypeVar
+from typing import AsyncIterator
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -37,6 +34,7 @@ from server.metrics import RequestCounter, ServerMetrics
 from server.middleware import ADMIN_ROUTES, BearerAuth, BodySizeLimit
 from server.openapi import admin_responses, generation_responses, plain_text, responses
 from server.outputs import RequestOutput
+from server.prompt_tokenizer import PromptTokenizer
 from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatFormatter, CompletionFormatter,
                              CompletionRequest, CompletionResponse, Health, ModelCard, ModelList, new_id)
 from server.sampling import ParamError, SamplingParams
@@ -47,7 +45,6 @@ ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/
 CLIENT_CLOSED = 499              # nginx's status for "client closed request"; nobody receives it
 MAX_BODY_BYTES = 8 * 2**20       # default request-body limit (413 beyond it)
 TOKENIZE_THREADS = 2             # prompts tokenized at once, off the event loop
-T = TypeVar("T")
 
 
 def resolve_model(name: str, base_name: str, adapters, adapter_id: str | None = None) -> str | None:
@@ -71,15 +68,9 @@ class _Serving:
         engine = async_engine.engine
         self.async_engine = async_engine
         # The engine thread detokenizes with engine.tokenizer; a Rust tokenizer must not be shared across threads.
-        # `tokenizer` (event loop) decodes a few ids per output; whole prompts are encoded on worker threads, each
-        # with its own copy, so a megabyte prompt never stalls the event loop (/health, other streams) and a
-        # second worker serves other prompts meanwhile.
+        # `tokenizer` (event loop) decodes a few ids per output; whole prompts go to `prompts` (worker threads).
         self.tokenizer = copy.deepcopy(engine.tokenizer)
-        self._spare_tokenizers: queue.SimpleQueue = queue.SimpleQueue()     # one per worker, copied up front
-        for _ in range(TOKENIZE_THREADS):
-            self._spare_tokenizers.put(copy.deepcopy(engine.tokenizer))
-        self._local = threading.local()
-        self._tokenize_threads = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
+        self.prompts = PromptTokenizer(engine.tokenizer, TOKENIZE_THREADS)
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
         self.context_len = engine.context_len         # max_model_len less an adapter's virtual tokens
@@ -87,17 +78,8 @@ class _Serving:
         self.metrics = metrics
         self.lifecycle = lifecycle
 
-    async def tokenize(self, fn: Callable[..., T]) -> T:
-        """`fn(tokenizer)` on a tokenizing thread (a prompt's encode or chat template, an echo's decode)."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_threads, self._call, fn)
-
-    def _call(self, fn: Callable[..., T]) -> T:
-        if not hasattr(self._local, "tokenizer"):       # this worker's first call: take its own copy
-            self._local.tokenizer = self._spare_tokenizers.get_nowait()
-        return fn(self._local.tokenizer)
-
     def close(self) -> None:
-        self._tokenize_threads.shutdown(wait=False, cancel_futures=True)
+        self.prompts.close()
 
     async def resolve(self, body) -> str | None:
         """resolve_model, loading an adapter that is not loaded yet from an --adapter-dir just in time."""
@@ -161,9 +143,13 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
         adapter = await serving.resolve(body)
         prompt = body.single_prompt()
         params = body.sampling_params()
-        prompt_ids = prompt if isinstance(prompt, list) else await serving.tokenize(lambda t: t.encode(prompt))
+        if isinstance(prompt, str):
+            serving.prompts.check_length(prompt, serving.context_len(adapter), "prompt")
+            prompt_ids = await serving.prompts.run(lambda t: t.encode(prompt), len(prompt))
+        else:
+            prompt_ids = prompt
         echo_text = "" if not body.echo else prompt if isinstance(prompt, str) else \
-            await serving.tokenize(lambda t: t.decode(prompt))
+            await serving.prompts.run(lambda t: t.decode(prompt), len(prompt))
         request_id = new_id("cmpl")
         formatter = CompletionFormatter(serving.tokenizer, request_id, body.model, echo_text=echo_text,
                                         include_usage=body.include_usage)
@@ -173,8 +159,11 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
     @app.post("/v1/chat/completions", response_model=None, responses=generation_responses(ChatCompletionResponse))
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         adapter = await serving.resolve(body)
-        prompt_ids = await serving.tokenize(lambda t: _chat_prompt_ids(t, body))
-        params = body.sampling_params(len(prompt_ids), serving.context_len(adapter))
+        context_len = serving.context_len(adapter)
+        num_chars = sum(len(m.template_dict()["content"]) for m in body.messages)
+        prompt_ids = await serving.prompts.run(lambda t: _chat_prompt_ids(t, body, serving.prompts, context_len),
+                                               num_chars)
+        params = body.sampling_params(len(prompt_ids), context_len)
         request_id = new_id("chatcmpl")
         formatter = ChatFormatter(serving.tokenizer, request_id, body.model, include_usage=body.include_usage)
         outputs = serving.generate(prompt_ids, params, adapter, request_id, body.adapter_drop)
@@ -222,7 +211,8 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
     return app
 
 
-def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
+def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest, prompts: PromptTokenizer,
+                     context_len: int) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
     messages = [message.template_dict() for message in body.messages]
@@ -230,6 +220,7 @@ def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except jinja2.TemplateError as exc:
         raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+    prompts.check_length(text, context_len, "messages")
     return tokenizer.encode(text, add_special_tokens=False)     # the template adds any BOS itself
 
 

@@ -1,6 +1,7 @@
 """Hostile input from issue #11: every one gets a 4xx in OpenAI's shape (never a 500), and nothing else suffers:
-tiny temperatures (B), huge prompts (C: tokenized off the event loop; bodies over the limit are 413), seeds out
-of range and lone surrogates (D), empty adapter ids, and honest messages for adapters that do not fit."""
+tiny temperatures (B), huge prompts (C: tokenized off the event loop, refused untokenized when they cannot fit;
+bodies over the limit are 413), seeds out of range and lone surrogates (D), empty adapter ids, and honest
+messages for adapters that do not fit."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from server.prompt_tokenizer import CHARS_SLACK, PromptTokenizer
 from tests.http.adapter_zoo import save_zoo
 from tests.http.conftest import MODEL_NAME, assert_serving, make_engine, serve
 from tests.http.test_errors import assert_error, completion
@@ -158,4 +160,26 @@ def test_no_room_beside_prefix_adapters_says_so(demo_dir, tmp_path):
             assert "pinned" not in error["message"] and "None" not in error["message"]
             assert_serving(http)
     finally:
+        thread.stop()
+
+
+def test_prompt_that_cannot_fit_is_refused_without_tokenizing(demo_dir):
+    """#11 C: megabytes of text were tokenized (seconds, and memory glibc kept) only to be refused as too long.
+    More characters than any max_model_len-token text can have is a 400 before tokenization."""
+    engine = make_engine(demo_dir)
+    entered, release = threading.Event(), threading.Event()
+    engine.tokenizer = BlockingTokenizer(engine.tokenizer, entered, release)
+    thread, served = serve(engine)
+    limit = CHARS_SLACK * PromptTokenizer(engine.tokenizer).max_token_chars * engine.max_model_len
+    try:
+        with served.client() as http:
+            too_long = "BLOCK" + "x" * limit
+            error = assert_error(http.post("/v1/completions", json=completion(prompt=too_long)), 400, "prompt")
+            assert "maximum context length" in error["message"]
+            chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": too_long}]}
+            assert_error(http.post("/v1/chat/completions", json=chat), 400, "messages")
+            assert not entered.is_set()                                 # never handed to the tokenizer
+            assert_serving(http)
+    finally:
+        release.set()
         thread.stop()
