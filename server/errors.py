@@ -78,7 +78,8 @@ def to_api_error(exc: BaseException) -> APIError:
 # pydantic error types of a value of the right JSON type outside the documented limits (HTTP 400, as OpenAI);
 # any other (missing field, wrong type) is a schema error (HTTP 422).
 VALUE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long",
-                "string_too_short", "string_too_long", "string_pattern_mismatch", "finite_number", "string_unicode", "value_error"}
+                "string_too_short", "string_too_long", "string_pattern_mismatch", "finite_number", "string_unicode",
+                "value_error"}
 
 
 def from_validation_errors(errors: list[dict]) -> APIError:
@@ -95,7 +96,7 @@ def from_validation_errors(errors: list[dict]) -> APIError:
                             "request body is not valid JSON")
     messages: dict[str, str] = {}
     value_messages: dict[str, str] = {}         # only the errors of values outside limits
-    members: dict[tuple, bool] = {}             # (top-level field, union members taken) -> all its errors are value errors
+    members: dict[tuple, bool] = {}             # (top-level field, union members) -> only value errors there
     for error in errors:
         loc = [part for part in error.get("loc", ()) if part != "body"]
         field = ".".join(str(part) for part in loc if not _is_union_tag(part))

@@ -5,8 +5,8 @@
 - A prompt that cannot fit is refused before it is tokenized: no token decodes to more than `max_token_chars`
   characters, so a text longer than `CHARS_SLACK * max_token_chars * context` characters has more than
   `context` tokens. CHARS_SLACK covers normalizers that compose characters (NFC turns up to 3 into 1).
-  Worked example, a tokenizer whose longest token is 80 characters (81 with the margin below) and 2048 tokens of context: a prompt over
-  4 * 81 * 2048 = 663,552 characters is a 400 at once, instead of seconds of tokenizing.
+  Worked example: longest token 80 characters (81 with the margin below), 2048 tokens of context: a prompt
+  over 4 * 81 * 2048 = 663,552 characters is a 400 at once, instead of seconds of tokenizing.
 - After a large job the worker hands freed heap back to the OS (glibc's malloc_trim): tokenizing 2 MB of text
   takes ~280 MB that glibc would otherwise keep in the worker thread's arena for good.
 """
