@@ -38,13 +38,8 @@ def fuzz_server(demo_dir, tmp_path_factory):
         engine.adapters.load(name, str(dirs[name]))
     thread, served = serve(engine, adapter_dirs=[str(root)])
     with served.client() as http:
-        spec = http.get("/openapi.json").json()
-    yield served, spec, http_client(served)
+        yield served, http.get("/openapi.json").json(), http
     thread.stop()
-
-
-def http_client(served) -> httpx.Client:
-    return served.client()
 
 
 def realistic(body: dict, draw, chat: bool) -> dict:
