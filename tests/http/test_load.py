@@ -90,7 +90,7 @@ def test_load_with_churn(setup):
 
     def churn():
         version, toggled = 0, False
-        with served.client() as http:
+        with served.client(timeout=120) as http:
             while not stop.wait(CHURN_PERIOD_S):
                 version ^= 1
                 swap = http.post("/v1/load_lora_adapter", json={
@@ -106,7 +106,7 @@ def test_load_with_churn(setup):
     def client(seed: int) -> list[tuple]:
         rng = random.Random(seed)
         out = []
-        with served.client() as http:
+        with served.client(timeout=120) as http:
             for _ in range(REQUESTS_PER_CLIENT):
                 model = rng.choice([*STABLE, REPLACED, TOGGLED])
                 prompt, n, stream = rng.choice(PROMPTS), rng.choice(LENGTHS), rng.random() < 0.5
