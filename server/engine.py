@@ -20,7 +20,7 @@ from server.runner import ModelRunner
 from server.sampler import sample
 from server.sampling import ParamError, SamplingParams
 from server.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from server.sequence import FinishReason, Sequence
+from server.sequence import FinishReason, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ class LLMEngine:
             loaders={"lora": self._load_lora, **{kind: self._load_prompt for kind in PREFIX_KINDS}},
             num_layers=spec.num_layers, max_slots=config.max_loras,
             max_device_bytes=config.max_adapter_bytes, max_host_bytes=config.max_host_adapter_bytes)
-        self.scheduler.adapters = self.adapters       # admission puts adapters on the device
+        self.residency = _IsolatedResidency(self.adapters)
+        self.scheduler.adapters = self.residency      # admission puts adapters on the device
 
     def _load_lora(self, path: str):
         from adapters.lora import load_lora
@@ -137,6 +138,7 @@ class LLMEngine:
         self._aborted = []
         outputs += self._apply_adapter_reads()
         batch = self.scheduler.schedule()
+        outputs += self._fail_uninstallable()
         self.num_preemptions += len(batch.preempted)
         if batch.is_empty:
             if self.adapters.has_pending_loads():
@@ -230,6 +232,15 @@ class LLMEngine:
                              finish_reason=FinishReason.ABORT.value, num_prompt_tokens=seq.num_prompt_tokens,
                              num_output_tokens=len(seq.output_ids), error=error)
 
+    def _fail_uninstallable(self) -> list[RequestOutput]:
+        """Requests waiting for an adapter whose install raised at admission fail (the others were admitted)."""
+        outputs = []
+        for handle, exc in self.residency.take_failures():
+            for state in [s for s in self.requests.values() if s.seq.adapter is handle
+                          and s.seq.status is SequenceStatus.WAITING]:
+                outputs.append(self._fail(state, exc))
+        return outputs
+
     def _apply_adapter_reads(self) -> list[RequestOutput]:
         """Adapters read back from disk go to the host tier; a failed read fails the requests waiting for it."""
         outputs = []
@@ -296,3 +307,27 @@ class LLMEngine:
                     raise out.error
                 tokens[out.request_id].extend(out.token_ids)
         return [tokens[rid] for rid in ids]
+
+
+class _IsolatedResidency:
+    """The registry's make_resident for the scheduler, with failures kept apart: an adapter whose install raises
+    (a checkpoint that changed, out of memory growing a stack) is "not on the device" for this step, and the
+    engine fails the requests waiting for it instead of the step failing every request in flight."""
+
+    def __init__(self, registry: AdapterRegistry):
+        self.registry = registry
+        self._failures: dict = {}                  # handle -> the exception its install raised
+
+    def make_resident(self, adapter, busy: set) -> bool:
+        if adapter in self._failures:
+            return False
+        try:
+            return self.registry.make_resident(adapter, busy)
+        except Exception as exc:
+            log.exception("installing adapter %r failed", adapter.name)
+            self._failures[adapter] = exc
+            return False
+
+    def take_failures(self) -> list[tuple]:
+        failures, self._failures = list(self._failures.items()), {}
+        return failures

@@ -234,6 +234,38 @@ def test_loader_thread_raising_and_truncated_checkpoint(served, solo, root, monk
     assert_idle(served)
 
 
+def test_install_failing_at_admission_fails_only_its_requests(demo_dir, root, monkeypatch):
+    """Two device slots, "bad" on the host tier: admitting its request installs it (evicting an idle adapter),
+    and that install raises. Its requests fail; the step goes on for everyone else."""
+    engine = make_engine(demo_dir, max_loras=2)
+    for name in ("lora-qv", "dora-ko", "bad"):
+        engine.adapters.load(name, str(root / name))
+    assert engine.adapters.get("bad").slot is None
+    thread, small = serve(GatedEngine(engine))
+    try:
+        others = [body(m, PROMPTS[i % len(PROMPTS)], stream=i % 2 == 0) for i, m in
+                  enumerate([MODEL_NAME, "lora-qv", "dora-ko", MODEL_NAME, "dora-ko"])]
+        expected = [post(small, r)[:2] for r in others]
+        real_install = LoraRuntime.install
+
+        def failing(self, slot, adapter):
+            if adapter.path.endswith("bad"):
+                raise RuntimeError("injected install fault")
+            return real_install(self, slot, adapter)
+
+        monkeypatch.setattr(LoraRuntime, "install", failing)
+        (status, _, error), results = run_together(small, body("bad", PROMPTS[0]), others)
+        assert status == 500 and "injected install fault" in error["message"], error
+        assert [r[:2] for r in results] == expected
+        monkeypatch.setattr(LoraRuntime, "install", real_install)
+        same_weights = post(small, body("lora-qv", PROMPTS[0]))
+        assert same_weights[0] == 200 and post(small, body("bad", PROMPTS[0]))[:2] == same_weights[:2]
+        assert all(h.refcount == 0 for h in engine.adapters.handles.values())
+        assert engine.scheduler.blocks.num_used == 0 and not engine.has_unfinished()
+    finally:
+        thread.stop()
+
+
 def test_kv_cache_exhausted_by_long_prompts(demo_dir, root):
     """32 KV blocks (512 tokens) for five requests of ~260 tokens each, queued together: running requests are
     preempted and recomputed, none fails, every output is its solo one."""
