@@ -7,8 +7,9 @@ time and the server's RSS at start / middle / end. Not run in CI.
 Server: a child process serving the demo-sized random Llama (hidden 256, 4 layers, bench cache) with PEFT-made
 adapters preloaded: LoRA on q/v, LoRA on the MLP, DoRA on k/o, prefix tuning, prompt tuning; a device tier of
 5 slots, so LoRA adapters are evicted and slots reused. Clients (threads, one HTTP connection each) send
-requests for the base or any adapter (uniform), streamed half the time, prompts of 4..64 random token ids,
-greedy, max_tokens 1..32; 5% of streams hang up after the first event. A churn thread replaces one adapter in
+requests for the base or any adapter (uniform), streamed half the time: completions of 4..64 random token ids
+(half), completions of 2..40 words of text (a quarter), chats (a quarter); greedy, max_tokens 1..32; 5% of
+streams hang up after the first event. A churn thread replaces one adapter in
 place (`load_inplace`, alternating two checkpoints) and unloads / reloads another every --churn-period seconds.
 Every --interval seconds one JSON line: requests done, requests/s and output tokens/s in the window, server RSS.
 
@@ -89,20 +90,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+WORDS = "def class return import self value list dict for while if else try yield lambda none".split()
+
+
 def one_request(http: httpx.Client, rng: random.Random, vocab: int) -> tuple[str, int]:
-    """(outcome, output tokens): outcome is the status ("200", "404", ...), "hangup", or "stream-error"."""
+    """(outcome, output tokens): outcome is the status ("200", "404", ...), "hangup", or "stream-error".
+    Half the requests are completions of token ids, a quarter completions of text, a quarter chats."""
     model = rng.choice([MODEL, *ADAPTERS, REPLACED, TOGGLED])
-    body = {"model": model, "prompt": [rng.randrange(3, vocab) for _ in range(rng.randint(4, 64))],
-            "max_tokens": rng.randint(1, 32), "temperature": 0, "ignore_eos": True,
+    body = {"model": model, "max_tokens": rng.randint(1, 32), "temperature": 0, "ignore_eos": True,
             "stream": rng.random() < 0.5}
+    kind = rng.random()
+    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 40)))
+    if kind < 0.5:
+        body["prompt"] = [rng.randrange(3, vocab) for _ in range(rng.randint(4, 64))]
+    elif kind < 0.75:
+        body["prompt"] = text
+    else:
+        body["messages"] = [{"role": "user", "content": text}]
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     if body["stream"]:
         body["stream_options"] = {"include_usage": True}
     else:
-        response = http.post("/v1/completions", json=body)
+        response = http.post(path, json=body)
         tokens = response.json()["usage"]["completion_tokens"] if response.status_code == 200 else 0
         return str(response.status_code), tokens
     hang_up = rng.random() < 0.05
-    with http.stream("POST", "/v1/completions", json=body) as response:
+    with http.stream("POST", path, json=body) as response:
         if response.status_code != 200:
             response.read()
             return str(response.status_code), 0
