@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -102,6 +103,8 @@ class AdapterRegistry:
         self._load_done = threading.Event()
         self.num_installs = 0                  # host -> device copies so far
         self.num_evictions = 0                 # device -> host
+        self.num_host_evictions = 0            # host -> disk (weights dropped; re-read when next used)
+        self.read_observers: list = []         # fn(seconds, ok) after every checkpoint read, on its thread
         self.num_reloads = 0                   # disk -> host reads started
 
     # ---- lookups (any thread) ---------------------------------------------------------------------------
@@ -133,7 +136,7 @@ class AdapterRegistry:
                         slots_used=sum(h is not None for h in self.slots), max_slots=self.max_slots,
                         num_draining=len(self.draining), num_loading=len(self._reloads),
                         num_installs=self.num_installs, num_evictions=self.num_evictions,
-                        num_reloads=self.num_reloads)
+                        num_host_evictions=self.num_host_evictions, num_reloads=self.num_reloads)
 
     @property
     def device_bytes(self) -> int:
@@ -145,7 +148,28 @@ class AdapterRegistry:
 
     # ---- reading (any thread, no state) -----------------------------------------------------------------
     def read(self, path: str) -> LoadedAdapter:
-        """Detect the kind, read and validate the checkpoint; AdapterError saying what is wrong."""
+        """Detect the kind, read and validate the checkpoint; AdapterError saying what is wrong. Every
+        `read_observers` callback gets the read's duration and whether it succeeded."""
+        start = time.monotonic()
+        ok = False
+        try:
+            loaded = self._read(path)
+            ok = True
+            return loaded
+        finally:
+            for observe in self.read_observers:
+                observe(time.monotonic() - start, ok)
+
+    def tier_usage(self) -> dict[str, tuple[int, int]]:
+        """tier name -> (adapters, bytes) over the loaded (named) adapters; every tier present."""
+        usage = {tier.value: (0, 0) for tier in Tier}
+        with self._lock:
+            for handle in self.handles.values():
+                count, num_bytes = usage[handle.tier.value]
+                usage[handle.tier.value] = (count + 1, num_bytes + handle.num_bytes)
+        return usage
+
+    def _read(self, path: str) -> LoadedAdapter:
         path = os.path.abspath(path)
         kind = detect_kind(path)
         if kind not in self.loaders:
@@ -398,6 +422,7 @@ class AdapterRegistry:
             if handle.refcount == 0 and not handle.pinned:
                 handle.weights = None
                 total -= handle.num_bytes
+                self.num_host_evictions += 1
 
     def _detach(self, handle: AdapterHandle) -> None:
         handle.is_detached = True

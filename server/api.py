@@ -94,16 +94,18 @@ class _Serving:
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
                        request_id: str, adapter_drop: int | None = None) -> AsyncIterator[RequestOutput]:
         start = time.monotonic()
-        waiting_for_first = True
+        first: float | None = None          # when the first generated token arrived
         generation = self.async_engine.generate(prompt_ids, params, adapter, request_id, adapter_drop)
         async with aclosing(generation) as outputs:
             async for out in outputs:
-                if waiting_for_first and out.num_output_tokens:
-                    waiting_for_first = False
-                    self.metrics.time_to_first_token.observe(time.monotonic() - start)
+                now = time.monotonic()
+                if first is None and out.num_output_tokens:
+                    first = now
+                    self.metrics.time_to_first_token.observe(now - start)
                 if out.finished:
-                    self.metrics.observe_finished(out.num_prompt_tokens, out.num_output_tokens,
-                                                  time.monotonic() - start)
+                    self.metrics.observe_finished(adapter, out.num_prompt_tokens, out.num_output_tokens,
+                                                  now - start, None if first is None else now - first,
+                                                  out.queue_seconds)
                 yield out
 
 
@@ -128,7 +130,8 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
             await asyncio.to_thread(async_engine.shutdown)
 
     app = FastAPI(title="peftserve", lifespan=lifespan)
-    metrics = ServerMetrics(async_engine.stats, known_paths=ROUTES)
+    metrics = ServerMetrics(async_engine.stats, known_paths=ROUTES, model_name=async_engine.engine.model_name)
+    async_engine.engine.adapters.read_observers.append(metrics.observe_adapter_read)
     preloaded = [h.path for h in async_engine.engine.adapters.handles.values()]
     lifecycle = AdapterLifecycle(async_engine, AdapterRoots(adapter_dirs, preloaded))
     serving = _Serving(async_engine, metrics, lifecycle)

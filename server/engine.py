@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,6 +33,7 @@ class RequestState:
     seq: Sequence
     detok: Detokenizer
     generator: torch.Generator
+    queue_seconds: float | None = None      # from add_request to its first scheduled step
 
 
 class LLMEngine:
@@ -94,7 +96,8 @@ class LLMEngine:
                 raise ParamError(f"adapter_drop must be in [0, {self.runner.spec.num_layers}], got {first_layer}",
                                  "adapter_drop")
             self.adapters.acquire(handle)
-        seq = Sequence(request_id, prompt_ids, params, handle, first_layer, num_virtual_tokens=num_virtual)
+        seq = Sequence(request_id, prompt_ids, params, handle, first_layer, arrival=time.monotonic(),
+                       num_virtual_tokens=num_virtual)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         state = RequestState(seq, Detokenizer(self.tokenizer, prompt_ids, params.stop),
                              torch.Generator().manual_seed(seed))
@@ -138,6 +141,7 @@ class LLMEngine:
         self._aborted = []
         outputs += self._apply_adapter_reads()
         batch = self.scheduler.schedule()
+        self._note_first_scheduled(batch)
         outputs += self._fail_uninstallable()
         self.num_preemptions += len(batch.preempted)
         if batch.is_empty:
@@ -148,6 +152,13 @@ class LLMEngine:
         states = [self.requests[item.seq.request_id] for item in sampled]
         samples = self._sample(logits, states)
         return outputs + [self._fail(s, exc) for s, exc in failed] + self._postprocess(batch, states, samples)
+
+    def _note_first_scheduled(self, batch: SchedulerOutput) -> None:
+        now = time.monotonic()
+        for item in batch.scheduled:
+            state = self.requests.get(item.seq.request_id)
+            if state is not None and state.queue_seconds is None:
+                state.queue_seconds = now - item.seq.arrival
 
     def _forward(self, batch: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor, list]:
         """runner.run(batch); if it raises, each sequence runs alone (a request's numbers do not depend on its
@@ -277,6 +288,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason.value if final and seq.finish_reason else None,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=len(seq.output_ids),
+            queue_seconds=state.queue_seconds if final else None,
         )
 
     def stats(self) -> dict:
@@ -289,6 +301,12 @@ class LLMEngine:
             "num_preemptions": self.num_preemptions,
             "num_adapters": len(self.adapters.handles),
             "adapter_device_bytes": self.adapters.device_bytes,
+            # vLLM's lora_requests_info: adapter names of running / waiting requests, first seen first
+            "running_adapters": _adapter_names(self.scheduler.running),
+            "waiting_adapters": _adapter_names(self.scheduler.waiting),
+            "max_loras": self.config.max_loras,
+            "adapter_tiers": self.adapters.tier_usage(),       # tier -> (adapters, bytes)
+            "adapter_usage": self.adapters.usage(),
         }
 
     # ---- offline use -------------------------------------------------------------------------------------
@@ -307,6 +325,10 @@ class LLMEngine:
                     raise out.error
                 tokens[out.request_id].extend(out.token_ids)
         return [tokens[rid] for rid in ids]
+
+
+def _adapter_names(seqs) -> list[str]:
+    return list(dict.fromkeys(seq.adapter.name for seq in seqs if seq.adapter is not None))
 
 
 class _IsolatedResidency:

@@ -70,6 +70,7 @@ class AdapterUsage(BaseModel):
     num_loading: int
     num_installs: int
     num_evictions: int
+    num_host_evictions: int
     num_reloads: int
 
 

@@ -28,6 +28,7 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    queue_seconds: float | None = None  # on a final output: from arrival at the engine to its first step
     error: Exception | None = None      # set on a final output when the request failed (e.g. its adapter's
                                         # checkpoint could not be read back from disk)
 

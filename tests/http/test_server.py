@@ -45,8 +45,9 @@ def test_metrics_count_requests_and_tokens(client):
 
     assert grew("peftserve_requests_total", 'endpoint="/v1/completions",status="200"')
     assert grew("peftserve_requests_total", 'endpoint="/v1/completions",status="404"')
-    assert grew("peftserve_prompt_tokens_total", by=2)
-    assert grew("peftserve_generation_tokens_total", by=2)
+    assert grew("peftserve_prompt_tokens_total", 'adapter=""', by=2)
+    assert grew("peftserve_generation_tokens_total", 'adapter=""', by=2)
+    assert grew("peftserve_adapter_requests_total", 'adapter=""')
     assert grew("peftserve_time_to_first_token_seconds_count")
     assert grew("peftserve_e2e_request_latency_seconds_count")
     assert metric_value(text, "peftserve_kv_blocks_total") > 0
