@@ -28,6 +28,7 @@ from adapters.config import AdapterError
 from adapters.paths import AdapterRoots
 from adapters.registry import AdapterNotFound
 from server.async_engine import AsyncEngine, EngineOverloaded, EngineShutdown, RequestFailed
+from server.draining import Drain, DrainGate
 from server.errors import APIError, ModelNotFound, from_validation_errors, to_api_error
 from server.lifecycle import AdapterLifecycle, AdapterList, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.metrics import RequestCounter, ServerMetrics
@@ -110,13 +111,15 @@ class _Serving:
 
 
 def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_api_key: str | None = None,
-              adapter_dirs: list[str] = (), max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+              adapter_dirs: list[str] = (), max_body_bytes: int = MAX_BODY_BYTES,
+              drain: Drain | None = None) -> FastAPI:
     """The app serving `async_engine`; it starts the engine thread on startup and stops it on shutdown.
 
     `api_key` guards the /v1/ routes; `admin_api_key` (default: `api_key`) guards ADMIN_ROUTES instead.
     Adapters load from inside `adapter_dirs` (by relative path, or just in time by name) or from the
     directories of adapters already loaded when the app is built (the preloaded ones). A request body over
-    `max_body_bytes` is a 413."""
+    `max_body_bytes` is a 413. Once `drain` (server/draining.py: SIGTERM) begins, /v1/ requests are 503s and
+    /health says "draining"."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
 
@@ -139,6 +142,8 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if api_key or admin_api_key:
         app.add_middleware(BearerAuth, api_key=api_key, admin_api_key=admin_api_key or api_key)
+    drain = drain or Drain()
+    app.add_middleware(DrainGate, drain=drain)
     app.add_middleware(RequestCounter, metrics=metrics)     # outermost: counts 401s and 413s too
 
     @app.post("/v1/completions", response_model=None, responses=generation_responses(CompletionResponse))
@@ -201,8 +206,11 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
     async def adapters() -> AdapterList:
         return lifecycle.describe()
 
-    @app.get("/health", responses={503: {"model": Health, "description": "the engine is not running"}})
+    @app.get("/health", responses={503: {"model": Health, "description": "draining (shutting down) or the "
+                                                                          "engine is not running"}})
     async def health() -> Health:
+        if drain.is_draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         if not async_engine.is_running:
             return JSONResponse({"status": "engine not running"}, status_code=503)
         return Health(status="ok")

@@ -27,6 +27,7 @@ class ServeOptions:
     demo_adapters: bool = True           # with the default model: preload its demo adapters
     log_level: str = "info"
     max_body_bytes: int = 8 * 2**20
+    drain_timeout: float = 30.0          # SIGTERM: seconds the requests in flight may take to finish
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "endpoints (load / unload / list) instead of --api-key")
     serve.add_argument("--no-demo-adapters", action="store_true",
                        help="with the default model, do not preload its demo adapters")
+    serve.add_argument("--drain-timeout", type=_seconds, default=30.0,
+                       help="on SIGTERM, new requests get 503 and the requests in flight have this many seconds "
+                            "to finish before the server exits")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -105,14 +109,19 @@ def parse_serve_options(argv: list[str] | None = None) -> ServeOptions:
     return ServeOptions(engine, args.host, args.port, args.api_key, adapters, admin_api_key=args.admin_api_key,
                         adapter_dirs=args.adapter_dir, pinned=args.pin, model_source=source,
                         demo_adapters=not args.no_demo_adapters, log_level=args.log_level,
-                        max_body_bytes=args.max_request_body)
+                        max_body_bytes=args.max_request_body, drain_timeout=args.drain_timeout)
+
+
+def run_server(app, **kwargs) -> None:
+    """uvicorn, draining on SIGTERM (server/draining.py); a seam for tests."""
+    from server.draining import run_server as run
+    run(app, **kwargs)
 
 
 def serve(options: ServeOptions) -> None:
-    import uvicorn
-
     from server.api import build_app
     from server.async_engine import AsyncEngine
+    from server.draining import Drain
     from server.engine import LLMEngine
 
     config, is_default = resolve_model(options)
@@ -127,9 +136,11 @@ def serve(options: ServeOptions) -> None:
                  handle.tier.value, ", pinned" if handle.pinned else "", handle.path)
     log.info("serving %r (max_model_len=%d) on http://%s:%d/v1", engine.model_name, engine.max_model_len,
              options.host, options.port)
+    drain = Drain()
     app = build_app(AsyncEngine(engine), api_key=options.api_key, admin_api_key=options.admin_api_key,
-                    adapter_dirs=options.adapter_dirs, max_body_bytes=options.max_body_bytes)
-    uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)
+                    adapter_dirs=options.adapter_dirs, max_body_bytes=options.max_body_bytes, drain=drain)
+    run_server(app, host=options.host, port=options.port, log_level=options.log_level, drain=drain,
+               drain_timeout=options.drain_timeout)
 
 
 def resolve_model(options: ServeOptions) -> tuple[EngineConfig, bool]:
@@ -176,6 +187,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
     return value
 
 

@@ -28,12 +28,14 @@ ERROR_TYPES = {
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.retry_after = retry_after          # seconds, sent as a Retry-After header (503s)
 
     @property
     def type(self) -> str:
@@ -44,7 +46,9 @@ class APIError(Exception):
 
     def response(self) -> Response:
         # ASCII JSON: a message quoting the client's input can hold anything, even lone surrogates
-        return Response(json.dumps(self.body()), status_code=self.status, media_type="application/json")
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return Response(json.dumps(self.body()), status_code=self.status, media_type="application/json",
+                        headers=headers)
 
 
 class ModelNotFound(APIError):
@@ -67,9 +71,9 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, AdapterError):
         return APIError(400, str(exc), code="invalid_adapter")
     if isinstance(exc, EngineOverloaded):
-        return APIError(503, str(exc), code="overloaded")
+        return APIError(503, str(exc), code="overloaded", retry_after=1)
     if isinstance(exc, EngineShutdown):
-        return APIError(503, str(exc), code="shutting_down")
+        return APIError(503, str(exc), code="shutting_down", retry_after=5)
     if isinstance(exc, RequestFailed):
         return APIError(500, str(exc), code="internal_error")
     return APIError(500, f"internal error ({type(exc).__name__})", code="internal_error")

@@ -95,10 +95,9 @@ def test_bad_flag_exits_2_without_traceback():
 
 @pytest.fixture
 def captured_uvicorn(monkeypatch):
-    """`uvicorn.run` replaced by a recorder, so main() can be driven in-process."""
-    import uvicorn
+    """The server run replaced by a recorder, so main() can be driven in-process."""
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    monkeypatch.setattr("server.cli.run_server", lambda app, **kwargs: calls.append((app, kwargs)))
     return calls
 
 
@@ -107,7 +106,9 @@ def test_main_builds_and_serves_the_app(demo_dir, captured_uvicorn):
             "--served-model-name", "tiny", "--api-key", "k", "--log-level", "warning", "--max-request-body", "2KiB"]
     assert main(argv) == 0
     [(app, kwargs)] = captured_uvicorn
-    assert kwargs == {"host": "127.0.0.1", "port": 8123, "log_level": "warning"}
+    drain = kwargs.pop("drain")
+    assert kwargs == {"host": "127.0.0.1", "port": 8123, "log_level": "warning", "drain_timeout": 30.0}
+    assert not drain.is_draining and drain.num_in_flight == 0
     thread = ServerThread(app).start()          # serve what main() built, on a free port
     try:
         body = {"model": "tiny", "prompt": "x", "max_tokens": 3, "ignore_eos": True}
