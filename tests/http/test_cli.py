@@ -123,6 +123,17 @@ def test_main_builds_and_serves_the_app(demo_dir, captured_uvicorn):
         thread.stop()
 
 
+def test_one_startup_line(demo_dir, captured_uvicorn, caplog):
+    caplog.set_level("INFO", logger="peftserve")
+    argv = ["serve", "--model", demo_dir, "--port", "8124", "--kv-cache-memory", "1MiB", "--served-model-name",
+            "tiny", "--max-adapter-memory", "64MiB", "--max-host-adapter-memory", "0", "--max-loras", "4"]
+    assert main(argv) == 0
+    [line] = [r.getMessage() for r in caplog.records if r.name == "peftserve" and r.levelname == "INFO"]
+    assert line == (f"serving http://127.0.0.1:8124/v1 | model 'tiny' ({demo_dir}), dtype float32, quantization "
+                    f"none, max_model_len 512 | adapters: none | budgets: KV cache 1MiB (128 blocks), device "
+                    f"adapters 4 slots / 64MiB, host adapters none, 64 seqs/step, 1024 waiting")
+
+
 def test_main_reports_engine_errors_without_traceback(demo_dir, captured_uvicorn, caplog):
     # 1 MiB of KV cache holds 2048 tokens of this model: a 4096-token context cannot fit
     argv = ["serve", "--model", demo_dir, "--kv-cache-memory", "1MiB", "--max-model-len", "4096"]

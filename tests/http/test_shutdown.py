@@ -55,7 +55,8 @@ def cli_server(demo_dir):
                     return process, url
             except httpx.TransportError:
                 time.sleep(0.1)
-        raise AssertionError(f"server did not start: {process.poll()} {process.stdout.read() if process.poll() is not None else ''}")
+        output = process.stdout.read() if process.poll() is not None else ""
+        raise AssertionError(f"server did not start (exit status {process.poll()}): {output}")
 
     yield start
     for process in processes:
