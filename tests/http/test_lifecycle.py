@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
@@ -320,7 +319,7 @@ def test_admin_key_guards_admin_routes_only(demo_dir, root):
 
 def test_cli_serves_pinned_preload_and_adapter_dir(demo_dir, root, monkeypatch):
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    monkeypatch.setattr("server.cli.run_server", lambda app, **kwargs: apps.append(app))
     assert main(["serve", "--model", demo_dir, "--kv-cache-memory", KV_CACHE, "--served-model-name", MODEL_NAME,
                  "--adapter", f"p={root / 'a3'}", "--pin", "p", "--adapter-dir", str(root),
                  "--admin-api-key", "adm", "--log-level", "warning"]) == 0
