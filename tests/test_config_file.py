@@ -118,7 +118,7 @@ def test_help_is_grouped_and_shows_the_real_defaults(capsys):
     assert positions == sorted(positions)
     assert out.index("\n  --model") < positions[1] < out.index("\n  --adapter-dir") < positions[2]
     assert positions[4] < out.index("\n  --api-key")
-    assert "(default: 2GiB)" in out and "SUPPRESS" not in out
+    assert "(default: 2GiB)" in out and "SUPPRESS" not in out and "(default: None)" not in out
     assert "Precedence: flag > env > file" in out
 
 
