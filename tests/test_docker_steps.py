@@ -172,3 +172,21 @@ def test_run_steps_in_a_fresh_venv_then_entrypoint_answers_health(image, tmp_pat
         output = process.communicate(timeout=30)[0]
     assert "serving http://127.0.0.1:%d/v1 | model 'tiny-llama'" % port in output
     assert f"just in time from {root / 'data' / 'adapters'}" in output
+
+
+def test_compose_example_mounts_the_image_volumes_and_sets_real_options(image):
+    import yaml
+
+    from server.cli import build_parser
+    from server.settings import env_name, options_of
+    compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
+    service = compose["services"]["peftserve"]
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
+    assert set(mounts) == set(json.loads(image.first("VOLUME")))
+    assert (REPO / "deploy" / mounts["/data/adapters"]).is_dir()                 # the adapter directory
+    assert mounts["/data/cache"] in compose["volumes"]                          # a named volume
+    known = {env_name(dest) for dest in options_of(build_parser()[1])}
+    assert set(service["environment"]) <= known, set(service["environment"]) - known
+    grace = int(service["stop_grace_period"].rstrip("s"))
+    assert grace > int(service["environment"]["PEFTSERVE_DRAIN_TIMEOUT"])     # drains before SIGKILL
+    assert (REPO / "deploy" / service["build"]["context"] / "Dockerfile").is_file()
