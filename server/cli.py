@@ -165,7 +165,7 @@ def serve(options: ServeOptions) -> None:
         handle = engine.adapters.load(name, path, drop_layers=drop, pinned=name in options.pinned)
         log.debug("adapter %r (%s, %.1f MB, %s%s) from %s", name, handle.kind, handle.num_bytes / 1e6,
                   handle.tier.value, ", pinned" if handle.pinned else "", handle.path)
-    log.info("%s", startup_line(options, engine))
+    log.info("%s", startup_line(options, engine, options.model_source == "gguf" or is_default))
     drain = Drain()
     app = build_app(AsyncEngine(engine), api_key=options.api_key, admin_api_key=options.admin_api_key,
                     adapter_dirs=options.adapter_dirs, max_body_bytes=options.max_body_bytes, drain=drain)
@@ -173,10 +173,11 @@ def serve(options: ServeOptions) -> None:
                drain_timeout=options.drain_timeout)
 
 
-def startup_line(options: ServeOptions, engine) -> str:
-    """One line: address, model, dtype, quantization, adapters, budgets."""
+def startup_line(options: ServeOptions, engine, from_gguf: bool) -> str:
+    """One line: address, model, dtype, quantization, adapters, budgets. `from_gguf`: the weights were
+    converted from a GGUF file (the default model is one), dequantized."""
     config = engine.config
-    quantization = "none" if options.model_source == "dir" else "none (GGUF dequantized at conversion)"
+    quantization = "none (GGUF dequantized at conversion)" if from_gguf else "none"
     adapters = ", ".join(f"{h['name']} ({h['kind']}, {h['tier']}{', pinned' if h['pinned'] else ''})"
                          for h in engine.adapters.describe()) or "none"
     device = f"{config.max_loras} slots" + (f" / {_size(config.max_adapter_bytes)}"
