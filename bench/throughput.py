@@ -1,8 +1,10 @@
 """Offline engine throughput vs transformers `generate`, and the decode step vs its bare-matmul floor.
 
-    python bench/throughput.py [--dtypes float32 bfloat16] [--requests 64] [--prompt-len 32] [--output-len 64]
+    python -m bench.throughput [--models llama-160m smollm2-135m] [--dtypes float32 bfloat16] [--requests 64]
+                               [--prompt-len 32] [--output-len 64]
 
-160M random Llama (bench/common.py). For each dtype, in one run: our engine on all requests at once
+Models: the 160M random Llama (bench/common.py; 8 wide layers) and the default model, SmolLM2-135M-Instruct
+(30 narrow layers, real weights). For each model and dtype, in one run: our engine on all requests at once
 (continuous batching, greedy), transformers `generate` at batch 8 and 32 on the same weights, and the time
 of one decode step's bare weight matmuls (every linear layer + lm_head at the same token count).
 Prints one JSON line per point and a markdown table.
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from bench.common import Timer, emit, llama_160m, machine, random_prompts
 from server.config import EngineConfig
+from server.default_model import ensure_default_model
 from server.engine import LLMEngine
 from server.sampling import SamplingParams
 
@@ -81,8 +84,12 @@ def run_hf(path, dtype, prompts, output_len, batch_size, max_batches):
     return n_out / t.seconds
 
 
+MODELS = {"llama-160m": lambda: llama_160m("float32"), "smollm2-135m": ensure_default_model}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -91,24 +98,24 @@ def main():
     args = ap.parse_args()
     prompts = random_prompts(args.requests, args.prompt_len)
     rows = []
-    for dtype in args.dtypes:
-        path = llama_160m("float32")
+    for model, dtype in [(m, d) for m in args.models for d in args.dtypes]:
+        path = MODELS[model]()
         engine, ours, step_s, total_s = run_engine(path, dtype, prompts, args.output_len)
         floor_s = matmul_floor(engine, args.requests)
         del engine
         hf = {bs: run_hf(path, dtype, prompts, args.output_len, bs, args.hf_max_batches) for bs in (8, 32)}
-        row = dict(dtype=dtype, ours_tok_s=ours, hf_b8_tok_s=hf[8], hf_b32_tok_s=hf[32],
+        row = dict(model=model, dtype=dtype, ours_tok_s=ours, hf_b8_tok_s=hf[8], hf_b32_tok_s=hf[32],
                    decode_step_ms=step_s * 1e3, matmul_floor_ms=floor_s * 1e3, step_over_floor=step_s / floor_s,
                    vs_best_hf=ours / max(hf.values()), total_s=total_s)
         emit(row)
         rows.append(row)
     print(f"\nmachine: {machine()}; {args.requests} requests x {args.prompt_len} prompt + {args.output_len} "
-          "greedy output tokens, 160M random Llama\n")
-    print("| dtype | ours tok/s | HF generate b=8 tok/s | HF generate b=32 tok/s | ours / best HF "
+          "greedy output tokens\n")
+    print("| model | dtype | ours tok/s | HF generate b=8 tok/s | HF generate b=32 tok/s | ours / best HF "
           f"| decode step ms ({args.requests} seqs) | matmul floor ms | step / floor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['ours_tok_s']:.0f} | {r['hf_b8_tok_s']:.0f} | {r['hf_b32_tok_s']:.0f} | "
+        print(f"| {r['model']} | {r['dtype']} | {r['ours_tok_s']:.0f} | {r['hf_b8_tok_s']:.0f} | {r['hf_b32_tok_s']:.0f} | "
               f"{r['vs_best_hf']:.2f}x | {r['decode_step_ms']:.1f} | {r['matmul_floor_ms']:.1f} | "
               f"{r['step_over_floor']:.2f}x |")
 
