@@ -18,20 +18,19 @@ unfinished request using the adapter ends. `add(..., replace=True)` (vLLM's load
 requests already queued finish on the old weights, later ones get the new.
 
 Threads: every state change happens on the engine thread (or before it starts). `read()` (file IO, validation,
-folding) touches no state and runs on the registry's loader threads (`submit_read`); `describe()`, `get()` and
+folding; adapters/reader.py) touches no state and runs on loader threads (`submit_read`); `describe()`, `get()` and
 `in` may be called from any thread (the name table is guarded by a lock).
 """
 from __future__ import annotations
 
 import itertools
-import os
 import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 
-from adapters.config import AdapterError, detect_kind
+from adapters.config import AdapterError
+from adapters.reader import CheckpointReader, LoadedAdapter
 
 
 class AdapterNotFound(KeyError):
@@ -46,16 +45,6 @@ class Tier(str, Enum):
     DEVICE = "device"
     HOST = "host"
     DISK = "disk"
-
-
-@dataclass
-class LoadedAdapter:
-    """What `read` returns: a validated adapter, not yet registered under any name."""
-    path: str
-    kind: str
-    weights: object
-    num_bytes: int
-    info: dict = field(default_factory=dict)     # "rank" when the kind has one
 
 
 @dataclass(eq=False)
@@ -97,14 +86,14 @@ class AdapterRegistry:
         self.draining: list[AdapterHandle] = []      # detached handles still used by requests
         self._lock = threading.RLock()
         self._clock = itertools.count(1)
-        self._num_load_threads = num_load_threads
-        self._executor: ThreadPoolExecutor | None = None
+        self.reader = CheckpointReader(loaders, max_device_bytes, num_load_threads)
+        self.read = self.reader.read                          # path -> LoadedAdapter, on any thread
+        self.read_observers = self.reader.observers           # fn(seconds, ok) after every read, on its thread
         self._reloads: dict[AdapterHandle, Future] = {}    # disk -> host reads in flight
         self._load_done = threading.Event()
         self.num_installs = 0                  # host -> device copies so far
         self.num_evictions = 0                 # device -> host
         self.num_host_evictions = 0            # host -> disk (weights dropped; re-read when next used)
-        self.read_observers: list = []         # fn(seconds, ok) after every checkpoint read, on its thread
         self.num_reloads = 0                   # disk -> host reads started
 
     # ---- lookups (any thread) ---------------------------------------------------------------------------
@@ -147,19 +136,6 @@ class AdapterRegistry:
         return sum(h.num_bytes for h in self._all() if h.tier is Tier.HOST)
 
     # ---- reading (any thread, no state) -----------------------------------------------------------------
-    def read(self, path: str) -> LoadedAdapter:
-        """Detect the kind, read and validate the checkpoint; AdapterError saying what is wrong. Every
-        `read_observers` callback gets the read's duration and whether it succeeded."""
-        start = time.monotonic()
-        ok = False
-        try:
-            loaded = self._read(path)
-            ok = True
-            return loaded
-        finally:
-            for observe in self.read_observers:
-                observe(time.monotonic() - start, ok)
-
     def tier_usage(self) -> dict[str, tuple[int, int]]:
         """tier name -> (adapters, bytes) over the loaded (named) adapters; every tier present."""
         usage = {tier.value: (0, 0) for tier in Tier}
@@ -169,26 +145,9 @@ class AdapterRegistry:
                 usage[handle.tier.value] = (count + 1, num_bytes + handle.num_bytes)
         return usage
 
-    def _read(self, path: str) -> LoadedAdapter:
-        path = os.path.abspath(path)
-        kind = detect_kind(path)
-        if kind not in self.loaders:
-            raise AdapterError(f"{path}: adapter kind {kind!r} is not served yet")
-        weights = self.loaders[kind](path)
-        num_bytes = getattr(weights, "num_bytes", 0)
-        if self.max_device_bytes is not None and num_bytes > self.max_device_bytes:
-            raise AdapterError(f"{path}: the adapter needs {num_bytes} bytes on the device but the whole device "
-                               f"budget (--max-adapter-memory) is {self.max_device_bytes} bytes")
-        # what must be known while the weights are on disk: "rank", "num_virtual_tokens" (prefix / prompt tuning)
-        info = {key: getattr(weights, key) for key in ("rank", "num_virtual_tokens")
-                if getattr(weights, key, None) is not None}
-        return LoadedAdapter(path, kind, weights, num_bytes, info)
-
     def submit_read(self, path: str) -> Future:
         """`read(path)` on a loader thread; a Future of the LoadedAdapter."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self._num_load_threads, thread_name_prefix="adapter-load")
-        return self._executor.submit(self.read, path)
+        return self.reader.submit(path)
 
     # ---- the name table (engine thread) -----------------------------------------------------------------
     def load(self, name: str, path: str, drop_layers: int = 0, *, pinned: bool = False,
@@ -317,8 +276,7 @@ class AdapterRegistry:
         return failed
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        self.reader.close()
 
     # ---- internals --------------------------------------------------------------------------------------
     def _all(self) -> list[AdapterHandle]:
