@@ -36,8 +36,9 @@ from server.middleware import ADMIN_ROUTES, BearerAuth, BodySizeLimit
 from server.openapi import admin_responses, generation_responses, plain_text, responses
 from server.outputs import RequestOutput
 from server.prompt_tokenizer import PromptTokenizer
-from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatFormatter, CompletionFormatter,
-                             CompletionRequest, CompletionResponse, Health, ModelCard, ModelList, new_id)
+from server.formatters import ChatFormatter, CompletionFormatter
+from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                             Health, ModelCard, ModelList, new_id)
 from server.sampling import ParamError, SamplingParams
 
 log = logging.getLogger(__name__)
