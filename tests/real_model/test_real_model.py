@@ -119,3 +119,23 @@ def test_behaviours_on_held_out_questions_and_batch_invariance(real_server):
     for model in models:
         [(choice, _)] = chat_all(real_server, [(model, questions[1])], BEHAVIOUR_TOKENS)
         assert choice.message.content == text[model, questions[1]], model
+
+
+def test_serve_with_no_model_preloads_the_demo_adapters(real_model_dir, demo_adapters, monkeypatch):
+    """`peftserve serve` as the README runs it (no --model): the default model with every demo adapter, listed by
+    /v1/models and answering by name."""
+    from server.cli import main
+    from tests.http.conftest import ServerThread
+    apps = []
+    monkeypatch.setattr("server.cli.run_server", lambda app, **kwargs: apps.append(app))
+    assert main(["serve", "--kv-cache-memory", "256MiB", "--log-level", "warning"]) == 0
+    thread = ServerThread(apps[0]).start()
+    try:
+        with openai_client(thread) as client:
+            cards = {m.id: m.parent for m in client.models.list().data}
+            assert cards == {NAME: None, **{name: NAME for name in demo_adapters}}
+            reply = client.chat.completions.create(model="shout", max_tokens=16, temperature=0,
+                                                   messages=[{"role": "user", "content": "Tell me about owls."}])
+        assert BEHAVIOURS["shout"].holds(reply.choices[0].message.content)
+    finally:
+        thread.stop()
