@@ -33,6 +33,7 @@ from server.errors import APIError, ModelNotFound, from_validation_errors, to_ap
 from server.lifecycle import AdapterLifecycle, AdapterList, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.metrics import RequestCounter, ServerMetrics
 from server.middleware import ADMIN_ROUTES, BearerAuth, BodySizeLimit
+from server.mixtures import Mixtures
 from server.openapi import admin_responses, generation_responses, plain_text, responses
 from server.outputs import RequestOutput
 from server.prompt_tokenizer import PromptTokenizer
@@ -79,12 +80,20 @@ class _Serving:
         self.adapters = engine.adapters
         self.metrics = metrics
         self.lifecycle = lifecycle
+        self.mixtures = Mixtures(async_engine, lifecycle)
 
     def close(self) -> None:
         self.prompts.close()
+        self.mixtures.close()
 
     async def resolve(self, body) -> str | None:
-        """resolve_model, loading an adapter that is not loaded yet from an --adapter-dir just in time."""
+        """resolve_model, loading an adapter that is not loaded yet from an --adapter-dir just in time; with
+        `merged_adapters`, the registry name of that mixture (computed on first use, server/mixtures.py)."""
+        merged = getattr(body, "merged_adapters", None)
+        if merged is not None:
+            if body.adapter_id is not None:
+                raise APIError(400, "give at most one of adapter_id and merged_adapters", param="merged_adapters")
+            return await self.mixtures.resolve(merged)
         try:
             return resolve_model(body.model, self.model_name, self.adapters, body.adapter_id)
         except ModelNotFound:
@@ -139,6 +148,7 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
     preloaded = [h.path for h in async_engine.engine.adapters.handles.values()]
     lifecycle = AdapterLifecycle(async_engine, AdapterRoots(adapter_dirs, preloaded))
     serving = _Serving(async_engine, metrics, lifecycle)
+    app.state.mixtures = serving.mixtures
     _add_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if api_key or admin_api_key:

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer, model_validator
 
+from server.mixtures import MergedAdapters
 from server.sampling import MIN_TEMPERATURE, ParamError, SamplingParams
 
 MAX_TOP_LOGPROBS = 20
@@ -60,6 +61,8 @@ class _GenerationRequest(BaseModel):
                                                                        "whatever `model` says")
     adapter_drop: int | None = Field(default=None, ge=0, le=MAX_INT32,
                                      description="extension: skip the adapter in decoder layers below this one")
+    merged_adapters: MergedAdapters | None = Field(default=None, description="extension (LoRAX): a mixture of "
+                                                   "LoRA adapters to use, whatever `model` says")
     presence_penalty: float | None = Field(default=None, ge=0, le=0, description="not supported: 0 or absent")
     frequency_penalty: float | None = Field(default=None, ge=0, le=0, description="not supported: 0 or absent")
     logit_bias: dict[str, float] | None = Field(default=None, max_length=0, description="not supported")
