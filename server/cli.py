@@ -1,4 +1,5 @@
-"""The `peftserve` console script: `peftserve serve [--model DIR] [--port 8000] ...`."""
+"""The `peftserve` console script: `peftserve serve [--model DIR] [--port 8000] ...`, `peftserve merge ...`
+(server/merge_cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ class ServeOptions:
     log_level: str = "info"
     max_body_bytes: int = 8 * 2**20
     drain_timeout: float = 30.0          # SIGTERM: seconds the requests in flight may take to finish
+    merge: str | None = None             # serve this adapter merged into the base (single tenant)
 
 
 HELP_EPILOG = """Every flag can also be set by a PEFTSERVE_* environment variable (--kv-cache-memory 4GiB is
@@ -70,6 +72,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                           help="adapters may be loaded from inside DIR (repeatable); a request for model NAME "
                                "that is not loaded loads DIR/NAME just in time")
     adapters.add_argument("--max-loras", type=_positive_int, default=64, help="adapter slots on the device")
+    adapters.add_argument("--merge", metavar="NAME",
+                          help="serve --adapter NAME merged into the base weights (single tenant: no per-token "
+                               "adapter cost; the model is NAME and the only one)")
     memory = serve.add_argument_group("memory")
     memory.add_argument("--kv-cache-memory", default="2GiB", help="bytes (512MiB, 2GiB) or a fraction of RAM (0.25)")
     memory.add_argument("--max-adapter-memory", help="device-tier adapter budget in bytes (256MiB) or a fraction "
@@ -94,6 +99,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     security.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
     security.add_argument("--admin-api-key", help="require 'Authorization: Bearer KEY' on the adapter admin "
                                                   "endpoints (load / unload / list) instead of --api-key")
+    from server.merge_cli import add_merge_command
+    add_merge_command(commands)
     return parser, serve
 
 
@@ -125,7 +132,11 @@ def parse_serve_options(argv: list[str] | None = None, environ: dict[str, str] |
         parser.error(f"--model {args.model}: no such GGUF file")
     if source == "dir" and not os.path.isfile(os.path.join(args.model, "config.json")):
         parser.error(f"--model {args.model}: not a Hugging Face model directory (no config.json) or .gguf file")
+    from server.merge_cli import check_merge_option
+    check_merge_option(parser, args.merge, adapters, args.pin, default_model=source == "default")
     served_name = args.served_model_name
+    if served_name is None and args.merge is not None:
+        served_name = args.merge
     if source == "gguf" and served_name is None:
         served_name = os.path.splitext(os.path.basename(args.model))[0]
     try:
@@ -140,7 +151,7 @@ def parse_serve_options(argv: list[str] | None = None, environ: dict[str, str] |
     return ServeOptions(engine, args.host, args.port, args.api_key, adapters, admin_api_key=args.admin_api_key,
                         adapter_dirs=args.adapter_dir, pinned=args.pin, model_source=source,
                         demo_adapters=not args.no_demo_adapters, log_level=args.log_level,
-                        max_body_bytes=args.max_request_body, drain_timeout=args.drain_timeout)
+                        max_body_bytes=args.max_request_body, drain_timeout=args.drain_timeout, merge=args.merge)
 
 
 def run_server(app, **kwargs) -> None:
@@ -150,17 +161,31 @@ def run_server(app, **kwargs) -> None:
 
 
 def serve(options: ServeOptions) -> None:
+    config, is_default = resolve_model(options)
+    adapters = dict(options.adapters)
+    if is_default and (options.demo_adapters or options.merge):
+        from server.demo_adapters import demo_adapter_dirs
+        adapters = {name: (path, 0) for name, path in demo_adapter_dirs().items() if name not in adapters} | adapters
+    merged_dir = None
+    if options.merge:
+        from server.merge_cli import merged_serving
+        config, merged_dir = merged_serving(config, adapters, options.merge)
+        adapters = {}
+    try:
+        _serve(options, config, adapters, is_default)
+    finally:
+        if merged_dir:
+            from server.merge_cli import cleanup
+            cleanup(merged_dir)
+
+
+def _serve(options: ServeOptions, config, adapters: dict, is_default: bool) -> None:
     from server.api import build_app
     from server.async_engine import AsyncEngine
     from server.draining import Drain
     from server.engine import LLMEngine
 
-    config, is_default = resolve_model(options)
     engine = LLMEngine(config)
-    adapters = dict(options.adapters)
-    if is_default and options.demo_adapters:
-        from server.demo_adapters import demo_adapter_dirs
-        adapters = {name: (path, 0) for name, path in demo_adapter_dirs().items() if name not in adapters} | adapters
     for name, (path, drop) in progress(adapters.items(), "loading adapters", len(adapters)):
         handle = engine.adapters.load(name, path, drop_layers=drop, pinned=name in options.pinned)
         log.debug("adapter %r (%s, %.1f MB, %s%s) from %s", name, handle.kind, handle.num_bytes / 1e6,
@@ -227,6 +252,12 @@ def resolve_model(options: ServeOptions) -> tuple[EngineConfig, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["merge"]:
+        from server.merge_cli import run_merge
+        parser, _ = build_parser()
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return run_merge(parser.parse_args(argv), parser)
     options = parse_serve_options(argv)
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -133,6 +133,7 @@ def test_every_flag_has_an_env_form(tmp_path, model_dir):
         "no_demo_adapters": ("yes", lambda o: not o.demo_adapters),
         "adapter": ("x=/p", lambda o: o.adapters == {"x": ("/p", 0)}),
         "pin": (None, lambda o: o.pinned == ["x"]),                 # with adapter
+        "merge": ("default-model-demo", lambda o: o.merge == "default-model-demo"),   # without --model: a demo name
         "adapter_dir": (str(tmp_path / "ad"), lambda o: o.adapter_dirs == [str(tmp_path / "ad")]),
         "max_loras": ("3", lambda o: o.engine.max_loras == 3),
         "kv_cache_memory": ("3MiB", lambda o: o.engine.kv_cache_bytes == 3 * 2**20),
@@ -153,5 +154,5 @@ def test_every_flag_has_an_env_form(tmp_path, model_dir):
     assert sorted(options_of(serve)) == sorted(cases)
     for dest, (value, check) in cases.items():
         environ = {env_name(dest): value} if value is not None else {"PEFTSERVE_ADAPTER": "x=/p", "PEFTSERVE_PIN": "x"}
-        options = parse([] if dest == "model" else ["--model", model_dir], environ)
+        options = parse([] if dest in ("model", "merge") else ["--model", model_dir], environ)
         assert check(options), dest
