@@ -50,11 +50,13 @@ class _Call:
 
 
 class _Stream:
-    """Where one request's outputs go: a queue owned by the caller's event loop."""
+    """Where one request's outputs go: a queue owned by the caller's event loop. `num_open`: its samples not
+    finished yet (n > 1: each sample ends with its own final output)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, num_samples: int = 1):
         self.loop = loop
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.num_open = num_samples
 
 
 class AsyncEngine:
@@ -69,7 +71,7 @@ class AsyncEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._stats: dict = {}                        # last engine.stats(), replaced whole by the engine thread
-        self._in_engine: set[str] = set()             # ids added to the engine and not yet finished; engine thread
+        self._in_engine: dict[str, int] = {}          # id added to the engine -> its unfinished samples; engine thread
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -115,13 +117,13 @@ class AsyncEngine:
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                        request_id: str | None = None,
                        adapter_drop: int | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output deltas until the one with `finished=True`.
+        """Yield the request's output deltas until the one with `finished=True` (n > 1: of every sample).
 
         Raises the engine's error for a request it rejects (ParamError, ValueError), EngineOverloaded,
         EngineShutdown, or RequestFailed. Closing or cancelling the iterator early aborts the request.
         """
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop())
+        stream = _Stream(asyncio.get_running_loop(), params.num_samples)
         with self._cond:
             if not self.is_running:
                 raise EngineShutdown("engine is not running")
@@ -136,13 +138,15 @@ class AsyncEngine:
             self._num_queued_adds += 1
             self._cond.notify()
         finished = False
+        num_open = params.num_samples
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                finished = item.finished
+                num_open -= item.finished
+                finished = num_open == 0
                 yield item
                 if finished:
                     return
@@ -220,7 +224,7 @@ class AsyncEngine:
         try:
             self.engine.add_request(command.request_id, command.prompt_ids, command.params, command.adapter,
                                     command.adapter_drop)
-            self._in_engine.add(command.request_id)
+            self._in_engine[command.request_id] = command.params.num_samples
         except Exception as exc:        # rejected (e.g. prompt too long): the caller sees this exception
             with self._cond:
                 stream = self._streams.pop(command.request_id, None)
@@ -235,7 +239,7 @@ class AsyncEngine:
             self._abort_in_engine(command.request_id)
 
     def _abort_in_engine(self, request_id: str) -> None:
-        self._in_engine.discard(request_id)
+        self._in_engine.pop(request_id, None)
         try:
             self.engine.abort_request(request_id)
         except Exception:               # already finished or never added
@@ -244,22 +248,31 @@ class AsyncEngine:
     def _route(self, outputs: list[RequestOutput]) -> None:
         """Hand each output to its request's queue; one call_soon_threadsafe per event loop per step."""
         batches: dict[asyncio.AbstractEventLoop, list] = {}
+        failed: list[str] = []          # requests with a failed sample: their other samples are aborted
         with self._cond:
             for output in outputs:
-                if output.finished:
-                    self._in_engine.discard(output.request_id)
-                stream = self._streams.get(output.request_id)
+                rid = output.request_id
+                if output.finished and rid in self._in_engine:
+                    self._in_engine[rid] -= 1
+                    if self._in_engine[rid] == 0 or output.error is not None:
+                        del self._in_engine[rid]
+                        failed += [rid] if output.error is not None else []
+                stream = self._streams.get(rid)
                 if stream is None:      # aborted by its caller; drop
                     continue
                 if output.finished:
-                    del self._streams[output.request_id]
+                    stream.num_open -= 1
+                    if stream.num_open == 0 or output.error is not None:
+                        del self._streams[rid]
                 batches.setdefault(stream.loop, []).append((stream.queue, output.error or output))
+        for rid in failed:
+            self._abort_in_engine(rid)
         for loop, items in batches.items():
             _call_in_loop(loop, _put_all, items)
 
     def _fail_all(self, exc: Exception) -> None:
         """Fail every request the engine holds (a failed step leaves no way to tell which were in it)."""
-        failed, self._in_engine = self._in_engine, set()
+        failed, self._in_engine = list(self._in_engine), {}
         with self._cond:
             streams = [self._streams.pop(request_id, None) for request_id in failed]
         message = f"internal error while generating ({type(exc).__name__}: {exc})"

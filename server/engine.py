@@ -17,6 +17,7 @@ from server.config import EngineConfig
 from server.detokenizer import Detokenizer
 from server.kv_blocks import BlockManager
 from server.outputs import RequestFailed, RequestOutput, TokenLogprob
+from server.penalties import apply_penalties
 from server.runner import ModelRunner
 from server.sampler import sample
 from server.sampling import ParamError, SamplingParams
@@ -30,10 +31,22 @@ LOAD_WAIT_S = 0.02       # a step with nothing to run but adapter reads in fligh
 
 @dataclass
 class RequestState:
+    """One sample of a request (n = 1: the request). Its sequence's key in `requests` is `seq.request_id`:
+    the request's id for sample 0, `id#i` for sample i."""
     seq: Sequence
     detok: Detokenizer
     generator: torch.Generator
+    request_id: str
+    seed: int                               # the request's (its samples' seeds derive from it)
+    index: int = 0                          # which of the request's samples
     queue_seconds: float | None = None      # from add_request to its first scheduled step
+    cumulative_logprob: float = 0.0         # of its sampled tokens (best_of ranks samples by it)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request seeded with `seed`: sample 0 gets `seed` itself (so n=1 and the
+    first of n samples agree), the others a value derived from (seed, index)."""
+    return seed if index == 0 else random.Random(f"{seed}/{index}").getrandbits(63)
 
 
 class LLMEngine:
@@ -55,7 +68,9 @@ class LLMEngine:
         self.vocab_size = spec.vocab_size
         self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, config.block_size),
                                    config.max_num_seqs, config.max_num_batched_tokens)
-        self.requests: dict[str, RequestState] = {}
+        self.requests: dict[str, RequestState] = {}     # sequence key -> its state
+        self.samples: dict[str, list[str]] = {}          # request id -> its samples' keys (n > 1)
+        self.num_prefill_tokens = 0         # prompt tokens run through the model (recomputation included)
         self._aborted: list[RequestState] = []
         self.num_preemptions = 0
         lora = LoraRuntime(self.runner.model)
@@ -84,7 +99,7 @@ class LLMEngine:
         """Queue a request. `adapter`: a loaded adapter's name (None = the base model); `adapter_drop`:
         skip the adapter in layers below this one (AdapterDrop; default: the adapter's own setting).
         Raises AdapterNotFound for an unknown adapter, ParamError for bad input."""
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.samples:
             raise ValueError(f"duplicate request id {request_id!r}")
         handle = self.adapters.get(adapter) if adapter is not None else None
         num_virtual = num_virtual_tokens(handle)
@@ -98,11 +113,17 @@ class LLMEngine:
             self.adapters.acquire(handle)
         seq = Sequence(request_id, prompt_ids, params, handle, first_layer, arrival=time.monotonic(),
                        num_virtual_tokens=num_virtual)
+        seq.num_forks = params.num_samples - 1      # forked from it once its prompt is computed
+        if seq.num_forks:
+            self.samples[request_id] = [request_id]
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        state = RequestState(seq, Detokenizer(self.tokenizer, prompt_ids, params.stop),
-                             torch.Generator().manual_seed(seed))
-        self.requests[request_id] = state
+        self.requests[request_id] = self._state(seq, request_id, seed, 0)
         self.scheduler.add(seq)
+
+    def _state(self, seq: Sequence, request_id: str, seed: int, index: int) -> RequestState:
+        generator = torch.Generator().manual_seed(sample_seed(seed, index))
+        return RequestState(seq, Detokenizer(self.tokenizer, seq.prompt_ids, seq.params.stop), generator,
+                            request_id, seed, index)
 
     def validate_prompt(self, prompt_ids: list[int], params: SamplingParams, num_virtual_tokens: int = 0) -> None:
         """`num_virtual_tokens`: the adapter's prefix / prompt-tuning tokens, which share the context."""
@@ -111,6 +132,10 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise ParamError(f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})", "prompt")
+        bad = [t for t in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise ParamError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                             "logit_bias")
         total = num_virtual_tokens + len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             virtual = f", the adapter's virtual tokens {num_virtual_tokens}" if num_virtual_tokens else ""
@@ -124,11 +149,22 @@ class LLMEngine:
         handle = self.adapters.handles.get(adapter) if adapter is not None else None
         return self.max_model_len - num_virtual_tokens(handle)
 
-    def abort_request(self, request_id: str) -> None:
-        state = self.requests.pop(request_id, None)
-        if state is not None:
-            self._finish(state.seq, FinishReason.ABORT)
-            self._aborted.append(state)
+    def abort_request(self, request_id: str, index: int | None = None) -> None:
+        """Abort every sample of the request, or only sample `index`."""
+        keys = list(self.samples.get(request_id, [request_id]))
+        for key in keys if index is None else [_sample_key(request_id, index)]:
+            state = self.requests.get(key)
+            if state is not None:
+                self._remove(state)
+                self._finish(state.seq, FinishReason.ABORT)
+                self._aborted.append(state)
+
+    def _remove(self, state: RequestState) -> None:
+        """Forget a finished sample (and its request once no sample is left)."""
+        del self.requests[state.seq.request_id]
+        keys = self.samples.get(state.request_id)
+        if keys is not None and not any(key in self.requests for key in keys):
+            del self.samples[state.request_id]
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self._aborted)
@@ -148,8 +184,9 @@ class LLMEngine:
             if self.adapters.has_pending_loads():
                 self.adapters.wait_for_loads(LOAD_WAIT_S)
             return outputs
+        self.num_prefill_tokens += sum(_prompt_tokens_in(item) for item in batch.scheduled)
         sampled, logits, failed = self._forward(batch)
-        states = [self.requests[item.seq.request_id] for item in sampled]
+        states, logits = self._fork([self.requests[item.seq.request_id] for item in sampled], logits)
         samples = self._sample(logits, states)
         return outputs + [self._fail(s, exc) for s, exc in failed] + self._postprocess(batch, states, samples)
 
@@ -189,23 +226,56 @@ class LLMEngine:
         logits = torch.cat(rows) if rows else torch.empty(0, self.vocab_size)
         return sampled, logits, failed
 
+    def _fork(self, states: list[RequestState], logits: torch.Tensor) -> tuple[list[RequestState], torch.Tensor]:
+        """A request with n samples computed its prompt once: its other samples start now, sharing its blocks
+        and this step's logits row (each draws from its own generator)."""
+        if not any(state.seq.num_forks for state in states):
+            return states, logits
+        out, rows = [], []
+        for row, state in enumerate(states):
+            group = [state]
+            parent = state.seq
+            for index in range(1, parent.num_forks + 1):
+                key = _sample_key(state.request_id, index)
+                child = Sequence(key, parent.prompt_ids, parent.params, parent.adapter, parent.first_adapter_layer,
+                                 arrival=parent.arrival, num_virtual_tokens=parent.num_virtual_tokens)
+                child.num_computed_tokens = parent.num_tokens    # its whole prompt, computed this step
+                if parent.adapter is not None:
+                    self.adapters.acquire(parent.adapter)
+                self.scheduler.fork(parent, child)
+                child_state = self._state(child, state.request_id, state.seed, index)
+                child_state.queue_seconds = state.queue_seconds
+                self.requests[key] = child_state
+                self.samples[state.request_id].append(key)
+                group.append(child_state)
+            parent.num_forks = 0
+            out += group
+            rows += [row] * len(group)
+        return out, logits[torch.tensor(rows, dtype=torch.long)]
+
     def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> list[tuple | Exception]:
         """(token, logprob) per state, or the exception its sampling raised (the batch is sampled row by row
         then: each row only depends on its own parameters and generator)."""
         try:
-            result = sample(logits, [s.seq.params for s in states], [s.generator for s in states])
+            result = sample(self._penalize(logits, states), [s.seq.params for s in states],
+                            [s.generator for s in states])
             return list(zip(result.token_ids, result.logprobs))
         except Exception:
             log.warning("batched sampling failed; sampling row by row", exc_info=True)
         samples = []
         for i, state in enumerate(states):
             try:
-                result = sample(logits[i:i + 1], [state.seq.params], [state.generator])
+                result = sample(self._penalize(logits[i:i + 1], [state]), [state.seq.params], [state.generator])
                 samples.append((result.token_ids[0], result.logprobs[0]))
             except Exception as exc:
                 log.exception("request %s failed in sampling", state.seq.request_id)
                 samples.append(exc)
         return samples
+
+    def _penalize(self, logits: torch.Tensor, states: list[RequestState]) -> torch.Tensor:
+        seqs = [state.seq for state in states]
+        return apply_penalties(logits, [seq.params for seq in seqs], [seq.prompt_ids for seq in seqs],
+                               [seq.output_ids for seq in seqs], self.eos_token_ids)
 
     def _postprocess(self, batch: SchedulerOutput, states: list[RequestState],
                      samples: list[tuple | Exception]) -> list[RequestOutput]:
@@ -226,22 +296,27 @@ class LLMEngine:
     def _append(self, state: RequestState, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         seq = state.seq
         seq.append_token(token)
+        if logprob is not None:
+            state.cumulative_logprob += logprob.logprob
+            if seq.params.logprobs is None:       # computed only to rank best_of samples
+                logprob = None
         stopped_by_text = state.detok.add(token)
         reason = self._finish_reason(seq, token, stopped_by_text)
         if reason is not None:
             self._finish(seq, reason)
-            del self.requests[seq.request_id]
+            self._remove(state)
         return self._output(state, [token], logprob, final=reason is not None)
 
     def _fail(self, state: RequestState, exc: Exception) -> RequestOutput:
         """End one request with an error output; it frees its blocks and adapter like any other finish."""
         seq = state.seq
-        if self.requests.pop(seq.request_id, None) is not None:
+        if seq.request_id in self.requests:
+            self._remove(state)
             self._finish(seq, FinishReason.ABORT)
         error = RequestFailed(f"internal error while generating ({type(exc).__name__}: {exc})")
-        return RequestOutput(request_id=seq.request_id, token_ids=[], text="", logprobs=None, finished=True,
+        return RequestOutput(request_id=state.request_id, token_ids=[], text="", logprobs=None, finished=True,
                              finish_reason=FinishReason.ABORT.value, num_prompt_tokens=seq.num_prompt_tokens,
-                             num_output_tokens=len(seq.output_ids), error=error)
+                             num_output_tokens=len(seq.output_ids), error=error, index=state.index)
 
     def _fail_uninstallable(self) -> list[RequestOutput]:
         """Requests waiting for an adapter whose install raised at admission fail (the others were admitted)."""
@@ -258,7 +333,7 @@ class LLMEngine:
         for handle, exc in self.adapters.poll_loads():
             log.error("reloading adapter %r from %s failed: %s", handle.name, handle.path, exc)
             for state in [s for s in self.requests.values() if s.seq.adapter is handle]:
-                del self.requests[state.seq.request_id]
+                self._remove(state)
                 self._finish(state.seq, FinishReason.ABORT)
                 outputs.append(replace(self._output(state, [], None, final=True), error=exc))
         return outputs
@@ -280,7 +355,8 @@ class LLMEngine:
                 final: bool) -> RequestOutput:
         seq = state.seq
         return RequestOutput(
-            request_id=seq.request_id,
+            request_id=state.request_id,
+            index=state.index,
             token_ids=tokens,
             text=state.detok.delta(final),
             logprobs=[logprob] if logprob is not None else None,
@@ -289,6 +365,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=len(seq.output_ids),
             queue_seconds=state.queue_seconds if final else None,
+            cumulative_logprob=state.cumulative_logprob,
         )
 
     def stats(self) -> dict:
@@ -299,6 +376,7 @@ class LLMEngine:
             "kv_blocks_used": blocks.num_used,
             "kv_blocks_total": blocks.num_blocks,
             "num_preemptions": self.num_preemptions,
+            "num_prefill_tokens": self.num_prefill_tokens,
             "num_adapters": len(self.adapters.handles),
             "adapter_device_bytes": self.adapters.device_bytes,
             # vLLM's lora_requests_info: adapter names of running / waiting requests, first seen first
@@ -325,6 +403,15 @@ class LLMEngine:
                     raise out.error
                 tokens[out.request_id].extend(out.token_ids)
         return [tokens[rid] for rid in ids]
+
+
+def _prompt_tokens_in(item: ScheduledSeq) -> int:
+    """How many of the prompt's tokens this step computes for `item`."""
+    return max(0, min(item.num_tokens, item.seq.num_prompt_tokens - item.seq.num_computed_tokens))
+
+
+def _sample_key(request_id: str, index: int) -> str:
+    return request_id if index == 0 else f"{request_id}#{index}"
 
 
 def _adapter_names(seqs) -> list[str]:

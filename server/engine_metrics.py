@@ -53,6 +53,10 @@ class EngineCollector:
         if "num_preemptions" in stats:
             yield CounterMetricFamily("peftserve_preemptions", "Sequences preempted for lack of KV blocks",
                                       value=stats["num_preemptions"])
+        if "num_prefill_tokens" in stats:
+            yield CounterMetricFamily("peftserve_prefill_tokens", "Prompt tokens run through the model (once per "
+                                      "prompt for its n samples; again after a preemption)",
+                                      value=stats["num_prefill_tokens"])
         tiers = stats.get("adapter_tiers")
         if tiers:
             count = GaugeMetricFamily("peftserve_adapters", "Loaded adapters by tier", labels=["tier"])

@@ -6,6 +6,11 @@ tokens (prefix / prompt tuning) starts its block table with its adapter's `Share
 reference each when it is (re-)admitted, then its own tokens from block `len(prefix.blocks)` on. A block returns
 to the free list when its count drops to zero; the adapter holds one reference to its prefix blocks while it is
 installed, so a prefix outlives neither its adapter nor its last sequence.
+
+The `n` samples of one prompt share its blocks too (`fork`): one prefill, then each sample's table points at the
+same blocks. A sample's next token going into a block someone else still references gets a private copy first
+(copy-on-write in `allocate`, at most one block: the prompt's last, partial one); the copies are queued as
+(source, destination) pairs that the runner performs before the step's forward (`take_copies`).
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ class BlockManager:
         # the shared prefix of a sequence with virtual tokens, None while its adapter is not installed; looked up
         # at each admission (set by the engine: after an eviction the adapter may come back with other blocks)
         self.prefix_of: Callable[[Sequence], SharedPrefix | None] = lambda seq: None
+        self.copies: list[tuple[int, int]] = []      # copy-on-write (src, dst) blocks not yet copied
 
     @property
     def num_free(self) -> int:
@@ -60,7 +66,8 @@ class BlockManager:
         needs none, except before admission while its adapter is not installed (installing takes them)."""
         own = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
         if seq.block_table:
-            return max(0, own + seq.num_prefix_blocks - len(seq.block_table))
+            copy = self._shared_write_block(seq) is not None
+            return max(0, own + seq.num_prefix_blocks - len(seq.block_table)) + copy
         if seq.num_virtual_tokens and self.prefix_of(seq) is None:
             return own + cdiv(seq.num_virtual_tokens, self.block_size)
         return own
@@ -81,11 +88,44 @@ class BlockManager:
                 self.ref_counts[block] += 1
             seq.prefix = prefix
             seq.block_table.extend(prefix.blocks)
+        shared = self._shared_write_block(seq)
+        if shared is not None:                                   # copy-on-write
+            block = self._take_free()
+            old = seq.block_table[shared]
+            self.ref_counts[old] -= 1                            # others still hold it
+            seq.block_table[shared] = block
+            self.copies.append((old, block))
+            needed -= 1
         for _ in range(needed):
-            block = self.free_blocks.popleft()
-            assert self.ref_counts[block] == 0
-            self.ref_counts[block] = 1
-            seq.block_table.append(block)
+            seq.block_table.append(self._take_free())
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` (same tokens as `parent`, nothing in its table yet) shares every block of `parent`'s table:
+        one more reference each, no new block. Its first write into a shared block copies that block first."""
+        assert not child.block_table and child.all_ids == parent.all_ids
+        for block in parent.block_table:
+            assert self.ref_counts[block] > 0
+            self.ref_counts[block] += 1
+        child.block_table = list(parent.block_table)
+        child.prefix = parent.prefix
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The copy-on-write (source, destination) block pairs queued since the last call, in order."""
+        copies, self.copies = self.copies, []
+        return copies
+
+    def _shared_write_block(self, seq: Sequence) -> int | None:
+        """Index in `seq.block_table` of the block its next token goes to, if other sequences hold it too."""
+        index = seq.num_prefix_blocks + seq.num_computed_tokens // self.block_size
+        if index < len(seq.block_table) and self.ref_counts[seq.block_table[index]] > 1:
+            return index
+        return None
+
+    def _take_free(self) -> int:
+        block = self.free_blocks.popleft()
+        assert self.ref_counts[block] == 0
+        self.ref_counts[block] = 1
+        return block
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s reference to every block of its table (its own blocks return to the free list; shared

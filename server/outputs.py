@@ -14,7 +14,7 @@ class TokenLogprob:
 
 @dataclass
 class RequestOutput:
-    """A delta: the tokens and text this step added to request `request_id`.
+    """A delta: the tokens and text this step added to sample `index` of request `request_id`.
 
     `text` is held back while it could still be the start of a stop string, so concatenating every delta's
     `text` gives exactly the final completion text (stop string excluded). `finish_reason` is set on the last
@@ -31,6 +31,8 @@ class RequestOutput:
     queue_seconds: float | None = None  # on a final output: from arrival at the engine to its first step
     error: Exception | None = None      # set on a final output when the request failed (e.g. its adapter's
                                         # checkpoint could not be read back from disk)
+    index: int = 0                      # which sample of the request (n > 1: each sample finishes on its own)
+    cumulative_logprob: float | None = None     # sum of its sampled tokens' logprobs so far
 
 
 class RequestFailed(RuntimeError):

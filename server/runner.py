@@ -33,6 +33,7 @@ class ModelRunner:
 
     def run(self, batch: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Forward one step. Returns the sequences to sample (last chunk done) and their logits [S, V] fp32."""
+        self.kv.copy_blocks(batch.block_copies)
         order = sorted(batch.scheduled, key=batch_order_key)
         meta, sampled = self.build_meta(order)
         logits = self.model(meta, self.kv)

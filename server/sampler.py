@@ -12,7 +12,7 @@ from server.sampling import SamplingParams
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    logprobs: list[TokenLogprob | None]      # per row; None where the request did not ask for logprobs
+    logprobs: list[TokenLogprob | None]      # per row; None where the request needs no logprobs
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
@@ -34,13 +34,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
     token_ids = tokens.tolist()
     logprobs: list[TokenLogprob | None] = [None] * len(params)
-    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    want = [i for i, p in enumerate(params) if p.wants_logprob]
     if want:
         lp = logits[torch.tensor(want)].log_softmax(dim=-1)
-        k = max(params[i].logprobs for i in want)
+        k = max(params[i].logprobs or 0 for i in want)
         top_vals, top_ids = lp.topk(max(k, 1), dim=-1)
         for j, i in enumerate(want):
-            n = params[i].logprobs
+            n = params[i].logprobs or 0
             top = list(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist()))
             logprobs[i] = TokenLogprob(token_ids[i], lp[j, token_ids[i]].item(), top)
     return SampleResult(token_ids, logprobs)

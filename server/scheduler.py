@@ -13,6 +13,8 @@ Policy (iteration-level continuous batching with chunked prefill):
    or every slot holds an adapter a running sequence uses) is skipped this step, so it blocks nobody; a head
    that lacks KV blocks stops admission (so long prompts are not starved by short ones).
 Waiting requests never preempt running ones, so admission can't thrash; nothing is ever dropped.
+A waiting sequence that will fork into n samples once its prompt is computed (`num_forks` = n - 1) is admitted
+only with sequence slots for all n (or into an empty batch); its samples share its blocks (kv_blocks.fork).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)    # copy-on-write (src, dst), before run
 
     @property
     def num_tokens(self) -> int:
@@ -121,6 +124,8 @@ class Scheduler:
             num = min(seq.num_pending_tokens, budget)
             if not self.blocks.can_allocate(self.blocks.blocks_needed(seq, num)):
                 break
+            if self.running and len(self.running) + 1 + seq.num_forks > self.max_num_seqs:
+                break
             if not self._make_resident(seq.adapter, busy):
                 skipped.add(key)
                 continue
@@ -135,7 +140,15 @@ class Scheduler:
             self.blocks.allocate(seq, num)
             out.scheduled.append(ScheduledSeq(seq, num))
             budget -= num
+        out.block_copies = self.blocks.take_copies()
         return out
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` (a running sequence's other sample, same tokens and computed count) runs from now on,
+        sharing `parent`'s blocks; newest in the batch, so preempted first."""
+        self.blocks.fork(parent, child)
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: drop its KV, keep its tokens, queue it first."""

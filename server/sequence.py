@@ -56,6 +56,7 @@ class Sequence:
         self.prefix: SharedPrefix | None = None     # while it holds blocks and has virtual tokens
         self.block_table: list[int] = []            # prefix.blocks (if any), then its own blocks
         self.num_preemptions = 0
+        self.num_forks = 0      # more samples of this prompt (n > 1) to fork from it once its prompt is computed
 
     def __repr__(self):
         return (f"Sequence({self.request_id!r}, prompt={self.num_prompt_tokens}, out={len(self.output_ids)}, "

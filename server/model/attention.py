@@ -17,6 +17,16 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Block dst := block src in every layer (copy-on-write of shared blocks; each dst is a fresh block, never
+        a src of the same call)."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.k[0].device)
+        dst = torch.tensor([d for _, d in pairs], device=self.k[0].device)
+        for cache in (*self.k, *self.v):
+            cache.index_copy_(0, dst, cache.index_select(0, src))
+
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                         dtype: torch.dtype) -> int:
