@@ -141,3 +141,21 @@ def test_serve_merge_usage_errors(tiny_model_dir, capsys, argv, message):
     with pytest.raises(SystemExit):
         cli.parse_serve_options(["serve", "--model", str(tiny_model_dir("llama")), *argv], {})
     assert message in capsys.readouterr().err
+
+
+def test_sharded_base_keeps_its_shards(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+    source = tiny_model_dir("llama")
+    base = tmp_path / "sharded"
+    load_hf(source).save_pretrained(base, max_shard_size="60KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, base / name)
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    adapter = save_adapter(base, CASES["lora"][1], tmp_path / "adapter", seed=6)
+    ref = [peft_reference_plain(load_peft(base, {"a": adapter}), p) for p in PROMPTS]
+    out = tmp_path / "merged"
+    merge_adapter(str(base), str(adapter), str(out))
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] == index["weight_map"]
+    check_merged_dir(out, base, ref)

@@ -22,6 +22,9 @@ ADAPTERS = {
     "qv": LoraConfig(**R8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
     "qo": LoraConfig(**R8, lora_alpha=4, target_modules=["q_proj", "o_proj", "up_proj"]),
     "rs": LoraConfig(**R8, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"]),
+    # embeddings and the output head
+    "eh": LoraConfig(**R8, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"]),
+    "e2": LoraConfig(**R8, lora_alpha=16, target_modules=["embed_tokens", "v_proj"]),
     # another rank, for cat / svd
     "r4": LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
@@ -39,6 +42,10 @@ CASES = [
     ("ties_svd", ["qv", "r4"], [0.8, 0.6], dict(density=0.5)),
     ("dare_linear_svd", ["qv", "r4"], [0.8, 0.6], dict(density=0.5)),
     ("linear", ["qo"], [1.5], {}),
+    ("linear", ["eh", "e2"], [0.6, 0.9], {}),
+    ("dare_ties", ["eh", "e2"], [0.6, 0.9], dict(density=0.5)),
+    ("cat", ["eh", "r4"], [0.6, 0.9], {}),
+    ("svd", ["eh", "e2"], [0.6, 0.9], dict(svd_rank=6)),
 ]
 SEED = 1234
 
@@ -98,15 +105,20 @@ def test_mixture_tensors_equal_peft(setup, strategy, ids, weights, params):
     mine = load_file(f"{path}/adapter_model.safetensors")
     checked = 0
     for module, layer in peft_lora_modules(model).items():
-        if "mix" not in layer.lora_A:
-            assert f"base_model.model.{module}.lora_A.weight" not in mine, module
+        if "mix" in layer.lora_A:
+            parts = (("lora_A.weight", layer.lora_A["mix"].weight), ("lora_B.weight", layer.lora_B["mix"].weight))
+        elif "mix" in layer.lora_embedding_A:
+            parts = (("lora_embedding_A", layer.lora_embedding_A["mix"]),
+                     ("lora_embedding_B", layer.lora_embedding_B["mix"]))
+        else:
+            assert not any(k.startswith(f"base_model.model.{module}.") for k in mine), module
             continue
-        for part, param in (("lora_A", layer.lora_A["mix"].weight), ("lora_B", layer.lora_B["mix"].weight)):
-            got = mine[f"base_model.model.{module}.{part}.weight"]
+        for part, param in parts:
+            got = mine[f"base_model.model.{module}.{part}"]
             torch.testing.assert_close(got, param.data, atol=1e-6, rtol=1e-5, msg=lambda m: f"{module}.{part}: {m}")
         assert layer.scaling["mix"] == pytest.approx(PeftScaling.of(path, module))
         checked += 1
-    assert checked == sum(1 for k in mine if k.endswith("lora_A.weight")) > 0
+    assert checked == sum(1 for k in mine if k.endswith(("lora_A.weight", "lora_embedding_A"))) > 0
 
 
 class PeftScaling:
@@ -137,8 +149,10 @@ def test_dare_masks_are_peft_masks_and_matter(setup):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("strategy,ids,weights,params", [c for c in CASES if c[0] in
-                                                         ("linear", "ties", "dare_linear", "dare_ties")][:5])
+GENERATION = [c for c in CASES if c[0] in ("linear", "ties", "dare_linear", "dare_ties")][:5] + [CASES[-3]]
+
+
+@pytest.mark.parametrize("strategy,ids,weights,params", GENERATION, ids=[f"{c[0]}-{'+'.join(c[1])}" for c in GENERATION])
 def test_mixture_generation_equals_peft_solo_and_beside_members(setup, strategy, ids, weights, params):
     base, dirs, root = setup
     model, _ = peft_mixture(base, dirs, strategy, ids, weights, params)
