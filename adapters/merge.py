@@ -13,14 +13,16 @@ becomes false, lm_head.weight is written): the unmerged adapter changes the inpu
 independently, and so must the merged model. (PEFT's merge_and_unload would change both through the shared
 tensor.)
 
+(IA)^3 vectors scale W's rows and bias (output) or columns (input, feedforward modules).
 Kinds: FOLDERS maps an adapter kind (adapters/config.py: detect_kind) to a function folding it into the weight
-dict; a kind without one (IA3, BitFit until they are served) is a clear error. A mixture recipe is merged by
+dict; a kind without one (BitFit for now; prefix / prompt tuning, which cannot be merged) is a clear error. A mixture recipe is merged by
 writing the mixture's checkpoint first (adapters/mixture.py), then folding it as LoRA.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Callable
@@ -30,9 +32,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
-from adapters.config import LORA, AdapterError, detect_kind
+from adapters.checkpoint import WEIGHTS_NAME, read_safetensors
+from adapters.config import IA3, LORA, AdapterError, detect_kind, load_config
 from server.model.spec import ModelSpec
 
+PEFT_PREFIX = "base_model.model."
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -74,6 +78,9 @@ class BaseWeights:
             name = EMBED
         return self.tensors[name]
 
+    def base_weight_by_name(self, name: str) -> torch.Tensor:
+        return self.tensors[name] if name in self.tensors else self.tensors[EMBED]
+
     def working(self, name: str) -> torch.Tensor:
         """The float32 tensor being merged into for HF weight `name` (lm_head starts as the tied embedding)."""
         if name not in self.merged:
@@ -101,8 +108,53 @@ def fold_lora(adapter_dir: str, weights: BaseWeights) -> None:
         e.add_(adapter.embed.lora_a.float() @ adapter.embed.lora_b.float().T)
 
 
-# adapter kind -> fold(adapter_dir, weights). IA3 / BitFit: add theirs here when the server serves those kinds.
-FOLDERS: dict[str, Callable[[str, BaseWeights], None]] = {LORA: fold_lora}
+def fold_ia3(adapter_dir: str, weights: BaseWeights) -> None:
+    """PEFT (IA)^3: `ia3_l` [1, in] on a feedforward module scales W's columns (its input); [out, 1] on another
+    scales W's rows and the bias (its output). Key: "base_model.model.model.layers.0.mlp.down_proj.ia3_l"."""
+    config = load_config(adapter_dir)
+    source = os.path.join(adapter_dir, "adapter_config.json")
+    if config.fan_in_fan_out or config.modules_to_save:
+        raise AdapterError(f"{source}: fan_in_fan_out / modules_to_save are not supported")
+    file = os.path.join(adapter_dir, WEIGHTS_NAME)
+    tensors = read_safetensors(adapter_dir)
+    if not tensors:
+        raise AdapterError(f"{file}: no (IA)^3 vectors")
+    for key, vector in tensors.items():
+        if key.endswith(".base_layer.weight"):        # PEFT saves the tied head's base weight: must be the base's
+            name = key[len(PEFT_PREFIX):-len(".base_layer.weight")] + ".weight"
+            if name not in (LM_HEAD, EMBED) or not torch.equal(vector.to(weights.base_weight_by_name(name).dtype),
+                                                               weights.base_weight_by_name(name)):
+                raise AdapterError(f"{file}: {key} is not the base model's weight (trained or resized base "
+                                   f"weights are not supported)")
+            continue
+        module = key[len(PEFT_PREFIX):-len(".ia3_l")] if key.startswith(PEFT_PREFIX) and key.endswith(".ia3_l") \
+            else None
+        name = None if module is None else module + ".weight"
+        if name is None or (name not in weights.tensors and not (name == LM_HEAD and EMBED in weights.tensors)):
+            raise AdapterError(f"{file}: unexpected key {key!r} (expected base_model.model.<linear module>.ia3_l)")
+        out_f, in_f = weights.base_weight_by_name(name).shape
+        feedforward = _is_feedforward(config.feedforward_modules, module)
+        expected = (1, in_f) if feedforward else (out_f, 1)
+        if tuple(vector.shape) != expected:
+            raise AdapterError(f"{file}: {key} has shape {tuple(vector.shape)}, expected {expected} "
+                               f"({'feedforward: the input' if feedforward else 'the output'} is scaled)")
+        weights.working(name).mul_(vector.float())
+        bias = module + ".bias"
+        if not feedforward and bias in weights.tensors:
+            weights.working(bias).mul_(vector.float().reshape(-1))
+
+
+def _is_feedforward(feedforward_modules, module: str) -> bool:
+    """PEFT's IA3Model._check_target_module_feedforward."""
+    if feedforward_modules is None:
+        return False
+    if isinstance(feedforward_modules, str):
+        return re.fullmatch(feedforward_modules, module) is not None
+    return any(module.endswith(target) for target in feedforward_modules)
+
+
+# adapter kind -> fold(adapter_dir, weights). BitFit: add its fold here when the server serves that kind.
+FOLDERS: dict[str, Callable[[str, BaseWeights], None]] = {LORA: fold_lora, IA3: fold_ia3}
 
 
 def merge_adapter(model_dir: str, adapter_dir: str, out_dir: str) -> str:

@@ -17,7 +17,7 @@ log = logging.getLogger("peftserve")
 def add_merge_command(commands) -> argparse.ArgumentParser:
     merge = commands.add_parser(
         "merge", help="fold an adapter (or a mixture of LoRA adapters) into the base model; write an HF checkpoint",
-        description="Fold a LoRA / rsLoRA / DoRA / AdaLoRA adapter, or a mixture of LoRA adapters (several "
+        description="Fold a LoRA / rsLoRA / DoRA / AdaLoRA / (IA)^3 adapter, or a mixture of LoRA adapters (several "
                     "--adapter), into the base model and write an ordinary Hugging Face checkpoint to --out "
                     "(config, tokenizer files and the merged safetensors): what PEFT's merge_and_unload gives.")
     merge.add_argument("--model", required=True, help="HF model directory of the base")

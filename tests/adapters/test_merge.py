@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from peft import AdaLoraConfig, LoraConfig
+from peft import AdaLoraConfig, IA3Config, LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from adapters.merge import MergeError, merge_adapter
@@ -30,8 +30,26 @@ CASES = {
                                              init_lora_weights=False)),
     "tied_dora_embed": ("llama3", LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "gate_proj"],
                                              use_dora=True, init_lora_weights=False)),
+    # (IA)^3 on qwen2: k / v scale their outputs and qkv biases, down_proj (feedforward) its input
+    "ia3": ("qwen2", IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "ia3_tied_head": ("llama3", IA3Config(target_modules=["q_proj", "lm_head", "up_proj"],
+                                          feedforward_modules=["up_proj"])),
 }
 PROMPTS = make_prompts(41, [7, 12])
+
+
+def make_adapter(base, config, out, seed):
+    """save_adapter, but (IA)^3 vectors (initialised to 1) also get random values."""
+    if not isinstance(config, IA3Config):
+        return save_adapter(base, config, out, seed)
+    model = get_peft_model(load_hf(base), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.mul_(1 + 0.5 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(out)
+    return out
 
 
 def assert_equals_reference(tokens, logits, ref):
@@ -55,7 +73,7 @@ def check_merged_dir(out, base, ref):
 def test_merged_checkpoint_equals_unmerged_adapter(tiny_model_dir, tmp_path, case):
     kind, config = CASES[case]
     base = tiny_model_dir(kind)
-    adapter = save_adapter(base, config, tmp_path / "adapter", seed=5)
+    adapter = make_adapter(base, config, tmp_path / "adapter", seed=5)
     peft_model = load_peft(base, {"a": adapter})
     ref = [peft_reference_plain(peft_model, p) for p in PROMPTS]
     base_tokens = [hf_reference(load_hf(base), p)[0] for p in PROMPTS]
@@ -64,10 +82,11 @@ def test_merged_checkpoint_equals_unmerged_adapter(tiny_model_dir, tmp_path, cas
     assert cli.main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(out)]) == 0
     check_merged_dir(out, base, ref)
     merged = load_file(out / "model.safetensors")
-    if case.startswith("tied"):
+    if "tied" in case:
         # untied: the input embedding changed; the head is the original embedding plus only its own LoRA (if any)
         original = load_file(base / "model.safetensors")["model.embed_tokens.weight"]
-        assert not torch.equal(merged["model.embed_tokens.weight"], original)
+        if "embed_tokens" in config.target_modules:
+            assert not torch.equal(merged["model.embed_tokens.weight"], original)
         assert torch.equal(merged["lm_head.weight"], original) == ("lm_head" not in config.target_modules)
     else:
         # the weights are PEFT's merge_and_unload's
