@@ -23,6 +23,7 @@ PROMPT_TUNING = "prompt_tuning"
 P_TUNING = "p_tuning"
 IA3 = "ia3"
 BOTTLENECK = "bottleneck"
+ADAPTERHUB_IA3 = "adapterhub_ia3"      # AdapterHub's IA3Config: architecture "lora", composition_mode "scale"
 
 PEFT_KINDS = {"LORA": LORA, "ADALORA": LORA, "PREFIX_TUNING": PREFIX_TUNING, "PROMPT_TUNING": PROMPT_TUNING,
               "P_TUNING": P_TUNING, "IA3": IA3}
@@ -280,15 +281,20 @@ def _is_adapterhub(d: dict) -> bool:
 
 
 def detect_kind(adapter_dir: str) -> str:
-    """LORA (LoRA, DoRA, AdaLoRA), PREFIX_TUNING, PROMPT_TUNING, P_TUNING, IA3 or BOTTLENECK."""
+    """LORA (LoRA, DoRA, AdaLoRA), PREFIX_TUNING, PROMPT_TUNING, P_TUNING, IA3, or for AdapterHub checkpoints
+    BOTTLENECK (SeqBn / DoubleSeqBn / ParBn) or ADAPTERHUB_IA3."""
     d = read_config_json(adapter_dir)
     path = os.path.join(adapter_dir, CONFIG_NAME)
     if _is_adapterhub(d):
-        arch = d["config"].get("architecture")
-        if arch not in (None, "bottleneck"):
-            raise AdapterError(f"{path}: AdapterHub adapter with architecture {arch!r} is not supported "
-                               f"(only bottleneck adapters)")
-        return BOTTLENECK
+        config = d["config"]
+        arch = config.get("architecture")
+        if arch in (None, "bottleneck"):
+            return BOTTLENECK
+        if arch == "lora" and config.get("composition_mode") == "scale":
+            return ADAPTERHUB_IA3
+        unless = " unless composition_mode is \"scale\" ((IA)^3)" if arch == "lora" else ""
+        raise AdapterError(f"{path}: AdapterHub adapter with architecture {arch!r} is not supported{unless} "
+                           f"(served: bottleneck adapters and (IA)^3)")
     peft_type = d.get("peft_type")
     if peft_type is None:
         raise AdapterError(f"{path}: no peft_type field (and not an AdapterHub adapter config)")
@@ -304,6 +310,6 @@ def load_config(adapter_dir: str):
     kind = detect_kind(adapter_dir)
     d = read_config_json(adapter_dir)
     source = os.path.join(adapter_dir, CONFIG_NAME)
-    if kind == BOTTLENECK:
+    if kind in (BOTTLENECK, ADAPTERHUB_IA3):
         return BottleneckConfig.from_dict(d, source)
     return CONFIG_CLASSES[str(d["peft_type"]).upper()].from_dict(d, source)
