@@ -78,6 +78,7 @@ class _Serving:
         self.max_model_len = engine.max_model_len
         self.context_len = engine.context_len         # max_model_len less an adapter's virtual tokens
         self.adapters = engine.adapters
+        self.grammars = engine.guided.grammars        # structured output: compiled at admission, cached
         self.metrics = metrics
         self.lifecycle = lifecycle
         self.mixtures = Mixtures(async_engine, lifecycle)
@@ -101,6 +102,12 @@ class _Serving:
             if await self.lifecycle.load_on_demand(wanted):
                 return wanted
             raise
+
+    async def compile_grammar(self, params: SamplingParams) -> None:
+        """An invalid schema / regex / grammar is a 400 here, compiled off the event loop (the engine finds it
+        in the cache)."""
+        if params.guided is not None:
+            await asyncio.to_thread(self.grammars.compile, params.guided)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
                        request_id: str, adapter_drop: int | None = None) -> AsyncIterator[RequestOutput]:
@@ -162,6 +169,7 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
         adapter = await serving.resolve(body)
         prompt = body.single_prompt()
         params = body.sampling_params()
+        await serving.compile_grammar(params)
         if isinstance(prompt, str):
             serving.prompts.check_length(prompt, serving.context_len(adapter), "prompt")
             prompt_ids = await serving.prompts.run(lambda t: t.encode(prompt), len(prompt))
@@ -183,6 +191,7 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
         prompt_ids = await serving.prompts.run(lambda t: _chat_prompt_ids(t, body, serving.prompts, context_len),
                                                num_chars)
         params = body.sampling_params(len(prompt_ids), context_len)
+        await serving.compile_grammar(params)
         request_id = new_id("chatcmpl")
         formatter = ChatFormatter(serving.tokenizer, request_id, body.model, include_usage=body.include_usage)
         outputs = serving.generate(prompt_ids, params, adapter, request_id, body.adapter_drop)

@@ -15,6 +15,8 @@ from adapters.prefix_runtime import PrefixRuntime, num_virtual_tokens
 from adapters.registry import AdapterRegistry
 from server.config import EngineConfig
 from server.detokenizer import Detokenizer
+from server.guided import GrammarCache
+from server.guided_decoding import GuidedDecoding, StepMasks
 from server.kv_blocks import BlockManager
 from server.outputs import RequestFailed, RequestOutput, TokenLogprob
 from server.penalties import apply_penalties
@@ -84,6 +86,8 @@ class LLMEngine:
             max_device_bytes=config.max_adapter_bytes, max_host_bytes=config.max_host_adapter_bytes)
         self.residency = _IsolatedResidency(self.adapters)
         self.scheduler.adapters = self.residency      # admission puts adapters on the device
+        # structured output; the HTTP side compiles into the same cache at admission
+        self.guided = GuidedDecoding(GrammarCache(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids)))
 
     def _load_lora(self, path: str):
         from adapters.lora import load_lora
@@ -104,6 +108,8 @@ class LLMEngine:
         handle = self.adapters.get(adapter) if adapter is not None else None
         num_virtual = num_virtual_tokens(handle)
         self.validate_prompt(prompt_ids, params, num_virtual)
+        if params.guided is not None:       # an invalid grammar is a ParamError before anything is held
+            self.guided.grammars.compile(params.guided)
         first_layer = 0
         if handle is not None:
             first_layer = handle.drop_layers if adapter_drop is None else adapter_drop
@@ -118,6 +124,8 @@ class LLMEngine:
             self.samples[request_id] = [request_id]
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.requests[request_id] = self._state(seq, request_id, seed, 0)
+        if params.guided is not None:
+            self.guided.add(request_id, params.guided)
         self.scheduler.add(seq)
 
     def _state(self, seq: Sequence, request_id: str, seed: int, index: int) -> RequestState:
@@ -185,9 +193,10 @@ class LLMEngine:
                 self.adapters.wait_for_loads(LOAD_WAIT_S)
             return outputs
         self.num_prefill_tokens += sum(_prompt_tokens_in(item) for item in batch.scheduled)
+        masks = self.guided.start([item.seq.request_id for item in batch.scheduled if item.is_last_chunk])
         sampled, logits, failed = self._forward(batch)
         states, logits = self._fork([self.requests[item.seq.request_id] for item in sampled], logits)
-        samples = self._sample(logits, states)
+        samples = self._sample(logits, states, masks)
         return outputs + [self._fail(s, exc) for s, exc in failed] + self._postprocess(batch, states, samples)
 
     def _note_first_scheduled(self, batch: SchedulerOutput) -> None:
@@ -247,25 +256,31 @@ class LLMEngine:
                 child_state.queue_seconds = state.queue_seconds
                 self.requests[key] = child_state
                 self.samples[state.request_id].append(key)
+                self.guided.fork(parent.request_id, key)
                 group.append(child_state)
             parent.num_forks = 0
             out += group
             rows += [row] * len(group)
         return out, logits[torch.tensor(rows, dtype=torch.long)]
 
-    def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> list[tuple | Exception]:
+    def _sample(self, logits: torch.Tensor, states: list[RequestState],
+                masks: StepMasks | None = None) -> list[tuple | Exception]:
         """(token, logprob) per state, or the exception its sampling raised (the batch is sampled row by row
-        then: each row only depends on its own parameters and generator)."""
+        then: each row only depends on its own parameters and generator). `masks`: this step's grammar masks,
+        applied after the penalties to what is sampled from (logprobs: the penalized logits, unmasked)."""
         try:
-            result = sample(self._penalize(logits, states), [s.seq.params for s in states],
-                            [s.generator for s in states])
+            penalized = self._penalize(logits, states)
+            allowed = self.guided.apply(masks, penalized, [s.seq.request_id for s in states])
+            result = sample(allowed, [s.seq.params for s in states], [s.generator for s in states], penalized)
             return list(zip(result.token_ids, result.logprobs))
         except Exception:
             log.warning("batched sampling failed; sampling row by row", exc_info=True)
         samples = []
         for i, state in enumerate(states):
             try:
-                result = sample(self._penalize(logits[i:i + 1], [state]), [state.seq.params], [state.generator])
+                penalized = self._penalize(logits[i:i + 1], [state])
+                allowed = self.guided.apply(masks, penalized, [state.seq.request_id])
+                result = sample(allowed, [state.seq.params], [state.generator], penalized)
                 samples.append((result.token_ids[0], result.logprobs[0]))
             except Exception as exc:
                 log.exception("request %s failed in sampling", state.seq.request_id)
@@ -300,8 +315,9 @@ class LLMEngine:
             state.cumulative_logprob += logprob.logprob
             if seq.params.logprobs is None:       # computed only to rank best_of samples
                 logprob = None
+        grammar_done = self.guided.accept(seq.request_id, token)
         stopped_by_text = state.detok.add(token)
-        reason = self._finish_reason(seq, token, stopped_by_text)
+        reason = FinishReason.STOP if grammar_done else self._finish_reason(seq, token, stopped_by_text)
         if reason is not None:
             self._finish(seq, reason)
             self._remove(state)
@@ -340,6 +356,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)
+        self.guided.remove(seq.request_id)
         if seq.adapter is not None:
             self.adapters.release(seq.adapter)
 

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer, model_validator
 
+from server.guided import GuidedSpec, guided_spec
 from server.mixtures import MergedAdapters
 from server.sampling import MIN_TEMPERATURE, ParamError, SamplingParams
 
@@ -43,6 +44,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: {"type": "text"}, {"type": "json_object"}, or {"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}, "strict": true}} (structured output, server/guided.py)."""
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    json_schema: dict | None = None
+
+
 class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -67,6 +76,18 @@ class _GenerationRequest(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=0, le=0, description="not supported: 0 or absent")
     logit_bias: dict[str, float] | None = Field(default=None, max_length=0, description="not supported")
     user: Text | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict | bool | str | None = Field(default=None, description="vLLM extension: a JSON schema the "
+                                                                           "output must match")
+    guided_regex: Text | None = Field(default=None, description="vLLM extension: a regular expression")
+    guided_choice: list[Text] | None = Field(default=None, description="vLLM extension: the output is one of these")
+    guided_grammar: Text | None = Field(default=None, description="vLLM extension: a Lark grammar (rule `start`) "
+                                                                 "or GBNF (rule `root`)")
+
+    def guided_spec(self) -> GuidedSpec | None:
+        """The structured-output constraint the request asks for (ParamError for conflicting ones)."""
+        return guided_spec(self.response_format.model_dump() if self.response_format else None,
+                           self.guided_json, self.guided_regex, self.guided_choice, self.guided_grammar)
 
     @property
     def include_usage(self) -> bool:
@@ -91,6 +112,7 @@ class _GenerationRequest(BaseModel):
             stop=[] if self.stop is None else self.stop,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            guided=self.guided_spec(),
         )
 
 

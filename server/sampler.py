@@ -15,9 +15,10 @@ class SampleResult:
     logprobs: list[TokenLogprob | None]      # per row; None where the request needs no logprobs
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator]) -> SampleResult:
-    """logits: [S, V] float32, row i belongs to a request with params[i] and generators[i].
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+           logprob_logits: torch.Tensor | None = None) -> SampleResult:
+    """logits: [S, V] float32, row i belongs to a request with params[i] and generators[i]. `logprob_logits`:
+    the model's logits before constraints (grammar masks) for the reported logprobs; default `logits`.
 
     Greedy rows take the argmax. Other rows: logits / temperature, then top-k, then top-p (nucleus),
     then one draw from the request's own generator, so a seeded request gives the same tokens whatever
@@ -36,7 +37,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     logprobs: list[TokenLogprob | None] = [None] * len(params)
     want = [i for i, p in enumerate(params) if p.wants_logprob]
     if want:
-        lp = logits[torch.tensor(want)].log_softmax(dim=-1)
+        source = logits if logprob_logits is None else logprob_logits
+        lp = source[torch.tensor(want)].log_softmax(dim=-1)
         k = max(params[i].logprobs or 0 for i in want)
         top_vals, top_ids = lp.topk(max(k, 1), dim=-1)
         for j, i in enumerate(want):

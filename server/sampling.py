@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.guided import GuidedSpec
 
 MAX_SAMPLES = 128          # n / best_of per prompt
 MAX_LOGIT_BIAS = 300       # logit_bias entries (OpenAI's limit)
@@ -37,6 +41,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0     # transformers / vLLM: over prompt + generated tokens (1 = off)
     logit_bias: dict[int, float] = field(default_factory=dict)    # token id -> added to its logit
     min_tokens: int = 0                 # EOS and stop_token_ids are masked until this many tokens
+    guided: GuidedSpec | None = None    # structured output: what the output must match (server/guided.py)
 
     def __post_init__(self):
         if isinstance(self.stop, str):

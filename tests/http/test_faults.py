@@ -139,10 +139,10 @@ def check(served, solo, culprit: dict, match: str) -> None:
 def test_exception_in_one_requests_sampling(served, solo, monkeypatch, stream):
     real_sample = engine_module.sample
 
-    def poisoned(logits, params, generators):
+    def poisoned(logits, params, generators, *rest):
         if any(p.seed == POISON_SEED for p in params):
             raise RuntimeError("injected sampling fault")
-        return real_sample(logits, params, generators)
+        return real_sample(logits, params, generators, *rest)
 
     monkeypatch.setattr(engine_module, "sample", poisoned)
     culprit = body("lora-qv", PROMPTS[0], stream, temperature=0.8, seed=POISON_SEED)

@@ -54,7 +54,15 @@ def realistic(body: dict, draw, chat: bool) -> dict:
         body["prompt"] = draw(st.lists(st.integers(0, TINY_MODEL["vocab_size"] - 1), min_size=1, max_size=8))
     if "adapter_drop" in body:
         body["adapter_drop"] = draw(st.integers(0, TINY_MODEL["num_layers"] + 1))
+    if any(body.pop(field, None) is not None for field in GUIDED_FIELDS):     # at most one constraint, a real one
+        body.update(draw(st.sampled_from(GUIDED)))
     return body
+
+
+GUIDED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+GUIDED = [{"response_format": {"type": "text"}}, {"response_format": {"type": "json_object"}},
+          {"guided_json": {"type": "object", "properties": {"a": {"type": "integer"}}}},
+          {"guided_regex": "[a-z]{1,4}"}, {"guided_choice": ["yes", "no"]}, {"guided_grammar": 'root ::= "a"+'}]
 
 
 def bodies(spec: dict, path: str) -> st.SearchStrategy:
