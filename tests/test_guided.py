@@ -177,3 +177,24 @@ def test_logprobs_are_the_models_own(engine):
     assert first["c"].top == first["f"].top
     assert all(lp > float("-inf") for _, lp in first["c"].top)
     assert engine.tokenizer.decode([first["c"].token_id]) == "x"
+
+
+def test_n_samples_each_follow_the_grammar(engine):
+    """n=4 samples of one constrained prompt (forked after its prefill, sharing its first mask): each follows
+    the grammar on its own state, and the first equals the same request with n=1 (same seed)."""
+    regex = "[a-e]{3,6}"
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=5, n=4, guided=guided_spec(guided_regex=regex))
+    engine.add_request("n4", [40, 41, 42], params)
+    texts: dict[int, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None
+            texts.setdefault(out.index, []).extend(out.token_ids)
+    assert sorted(texts) == [0, 1, 2, 3]
+    for tokens in texts.values():
+        assert re.fullmatch(regex, _text(engine, tokens)), _text(engine, tokens)
+    assert len({tuple(t) for t in texts.values()}) > 1
+    single = engine.generate([[40, 41, 42]], SamplingParams(max_tokens=12, temperature=1.0, seed=5,
+                                                            guided=guided_spec(guided_regex=regex)))[0]
+    assert texts[0] == single
+    assert not engine.guided._matchers

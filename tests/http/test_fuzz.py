@@ -54,7 +54,8 @@ def realistic(body: dict, draw, chat: bool) -> dict:
         body["prompt"] = draw(st.lists(st.integers(0, TINY_MODEL["vocab_size"] - 1), min_size=1, max_size=8))
     if "adapter_drop" in body:
         body["adapter_drop"] = draw(st.integers(0, TINY_MODEL["num_layers"] + 1))
-    if any(body.pop(field, None) is not None for field in GUIDED_FIELDS):     # at most one constraint, a real one
+    constraints = [body.pop(field, None) for field in GUIDED_FIELDS]
+    if any(c is not None for c in constraints):          # at most one constraint, a real one
         body.update(draw(st.sampled_from(GUIDED)))
     return body
 
