@@ -177,3 +177,17 @@ def test_schema_errors_are_4xx(mix_server):
             assert response.status_code in (400, 422), response.text
             assert "merged_adapters" in response.json()["error"]["message"]
         assert_serving(http)
+
+
+def test_concurrent_first_requests_compute_once(mix_server):
+    from concurrent.futures import ThreadPoolExecutor
+    recipe = {"ids": ["qo", "qv"], "weights": [0.3, 0.8], "merge_strategy": "dare_ties", "density": 0.6}
+    computed = mix_server.mixtures.num_computed
+
+    def ask(_):
+        with mix_server.client() as http:
+            return tokens_of(complete(http, recipe))
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+    assert all(a == answers[0] for a in answers)
+    assert mix_server.mixtures.num_computed == computed + 1
