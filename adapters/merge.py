@@ -13,7 +13,7 @@ becomes false, lm_head.weight is written): the unmerged adapter changes the inpu
 independently, and so must the merged model. (PEFT's merge_and_unload would change both through the shared
 tensor.)
 
-(IA)^3 vectors scale W's rows and bias (output) or columns (input, feedforward modules).
+(IA)^3 vectors (PEFT's and AdapterHub's) scale W's rows and bias (output) or columns (input, feedforward modules).
 Kinds: FOLDERS maps an adapter kind (adapters/config.py: detect_kind) to a function folding it into the weight
 dict; a kind without one (BitFit for now; prefix / prompt tuning, which cannot be merged) is a clear error. A mixture recipe is merged by
 writing the mixture's checkpoint first (adapters/mixture.py), then folding it as LoRA.
@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from adapters.checkpoint import WEIGHTS_NAME, read_safetensors
-from adapters.config import IA3, LORA, AdapterError, detect_kind, load_config
+from adapters.config import ADAPTERHUB_IA3, IA3, LORA, AdapterError, detect_kind, load_config
 from server.model.spec import ModelSpec
 
 PEFT_PREFIX = "base_model.model."
@@ -153,8 +153,26 @@ def _is_feedforward(feedforward_modules, module: str) -> bool:
     return any(module.endswith(target) for target in feedforward_modules)
 
 
+def fold_adapterhub_ia3(adapter_dir: str, weights: BaseWeights) -> None:
+    """AdapterHub's (IA)^3 (adapters/adapterhub_ia3.py: `output` vectors scale a module's rows and bias, `input`
+    vectors its columns; alpha folded in)."""
+    from adapters.adapterhub_ia3 import load_adapterhub_ia3
+    spec = weights.spec
+    widths = {"q_proj": spec.q_size, "k_proj": spec.kv_size, "v_proj": spec.kv_size, "o_proj": spec.hidden_size,
+              "gate_proj": spec.intermediate_size, "up_proj": spec.intermediate_size, "down_proj": spec.hidden_size}
+    adapter = load_adapterhub_ia3(adapter_dir, widths, spec.num_layers, dtype=torch.float32)
+    for (layer, module), scale in adapter.output.items():
+        weights.working(weights.hf_name(layer, module)).mul_(scale[:, None])
+        bias = weights.hf_name(layer, module).removesuffix(".weight") + ".bias"
+        if bias in weights.tensors:
+            weights.working(bias).mul_(scale)
+    for (layer, module), scale in adapter.input.items():
+        weights.working(weights.hf_name(layer, module)).mul_(scale[None, :])
+
+
 # adapter kind -> fold(adapter_dir, weights). BitFit: add its fold here when the server serves that kind.
-FOLDERS: dict[str, Callable[[str, BaseWeights], None]] = {LORA: fold_lora, IA3: fold_ia3}
+FOLDERS: dict[str, Callable[[str, BaseWeights], None]] = {LORA: fold_lora, IA3: fold_ia3,
+                                                          ADAPTERHUB_IA3: fold_adapterhub_ia3}
 
 
 def merge_adapter(model_dir: str, adapter_dir: str, out_dir: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +179,42 @@ def test_sharded_base_keeps_its_shards(tiny_model_dir, tmp_path):
     merge_adapter(str(base), str(adapter), str(out))
     assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] == index["weight_map"]
     check_merged_dir(out, base, ref)
+
+
+ADAPTERHUB = Path(__file__).resolve().parents[1] / "fixtures" / "adapterhub"
+
+
+@pytest.mark.parametrize("model,case", [("llama", "ia3"), ("llama", "ia3_alpha2_qv_up"), ("qwen2", "ia3")])
+def test_merged_adapterhub_ia3_equals_adapterhub(tmp_path, tokenizer_dir, model, case):
+    """AdapterHub's own greedy tokens and logits (the fixtures) from the merged checkpoint, in transformers (full
+    forwards, as the fixtures were made) and in our engine."""
+    import json
+    import shutil
+
+    from tests.peft_fixtures import greedy_full_forward
+    root = ADAPTERHUB / model
+    expected = json.loads((root / "expected.json").read_text())
+    want_tokens, want_logits = expected["cases"][case]["tokens"], load_file(root / "expected.safetensors")[case]
+    out = tmp_path / "merged"
+    merge_adapter(str(root / expected["base"]), str(root / case), str(out))
+    hf = load_hf(out)
+    for i, prompt in enumerate(expected["prompts"]):
+        tokens, logits = greedy_full_forward(hf, prompt, expected["max_new_tokens"])
+        assert tokens == want_tokens[i], i
+        torch.testing.assert_close(logits, want_logits[i], atol=ATOL, rtol=0)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    engine = engine_for(out)
+    from tests.test_model_vs_hf import capture_logits
+    from server.sampling import SamplingParams
+    seen = capture_logits(engine)
+    params = SamplingParams(max_tokens=expected["max_new_tokens"], temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(expected["prompts"]):
+        engine.add_request(f"r{i}", prompt, params)
+    got = {f"r{i}": [] for i in range(len(expected["prompts"]))}
+    while engine.has_unfinished():
+        for o in engine.step():
+            got[o.request_id].extend(o.token_ids)
+    for i in range(len(expected["prompts"])):
+        assert got[f"r{i}"] == want_tokens[i], i
+        torch.testing.assert_close(torch.stack(seen[f"r{i}"]), want_logits[i], atol=ATOL, rtol=0)
