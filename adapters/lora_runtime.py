@@ -1,6 +1,6 @@
 """LoRA on the running model: per-slot weight stacks on every target linear, applied with SGMV.
 
-Each (possibly fused) `Linear` of the model gets one `LinearLora` hook. For the HF sub-modules that any loaded
+Each (possibly fused) linear of the model gets one `LinearLora`. For the HF sub-modules that any loaded
 adapter targets (q_proj, k_proj, ... of a fused qkv_proj) it keeps stacks in the kernels' layout:
     a:       [S, R_q + R_k + ..., in]  slot s = one adapter's lora_A blocks, one per slice (zero-padded ranks)
     b[name]: [S, width, R_name]        its lora_B with every constant scaling folded in (zero-padded columns)
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 import kernels
+from adapters.config import LORA
+from adapters.interface import AdaptableModel, AdapterRuntime, LinearSite, StepLayout
 from kernels import SegmentMeta
-from server.model.llama import Linear, LlamaModel
-from server.step_layout import StepLayout
 
 
 class LinearLora:
@@ -28,7 +28,7 @@ class LinearLora:
     qkv_proj needs one shrink for q, k and v together: a[:, offset[name]:offset[name] + rank[name]] is the
     slice's lora_A block; its expand reads that block of the shrink output."""
 
-    def __init__(self, linear: Linear):
+    def __init__(self, linear: LinearSite):
         self.linear = linear
         self.ranks: dict[str, int] = {}              # targeted slice -> rank block width, in the Linear's order
         self.a: torch.Tensor | None = None           # [S, sum(ranks), in]
@@ -96,9 +96,9 @@ class LinearLora:
             at += rank
         self.a, self.ranks, self.num_slots = a, new_ranks, num_slots
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, meta, linear: Linear) -> None:
-        view = meta.adapters.get("lora")
-        if view is None or self.a is None:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, meta, linear: LinearSite) -> None:
+        view = meta.adapters["lora"]
+        if self.a is None:
             return
         seg = view.segments[linear.layer]
         if seg is None:
@@ -143,8 +143,8 @@ class EmbeddingLora:
             table.pop(slot, None)
 
     def __call__(self, h: torch.Tensor, meta) -> None:
-        view = meta.adapters.get("lora")
-        if view is None or not self.a or view.embed_segments is None:
+        view = meta.adapters["lora"]
+        if not self.a or view.embed_segments is None:
             return
         seg = view.embed_segments
         for start, n, slot in zip(seg.start_list, seg.len_list, seg.slot_list):
@@ -155,24 +155,32 @@ class EmbeddingLora:
                 h[start:start + n] += self.a[slot][ids] @ self.b[slot].T
 
 
-class LoraRuntime:
-    """All LoRA state of one model: one hook per linear, the embedding hook, and slot install/removal."""
-    kind = "lora"
+class LoraRuntime(AdapterRuntime):
+    """All LoRA state of one model: one LinearLora per linear, the embedding LoRA, and slot install/removal."""
+    name = "lora"
+    kinds = (LORA,)
 
-    def __init__(self, model: LlamaModel):
+    def __init__(self, model: AdaptableModel):
         self.model = model
-        self.linears: dict[tuple[int, str], LinearLora] = {}     # (layer, hf module name) -> its fused hook
-        self.by_linear: list[LinearLora] = []
-        for module in model.modules():
-            if isinstance(module, Linear):
-                hook = LinearLora(module)
-                module.adapter_hooks.append(hook)
-                self.by_linear.append(hook)
-                for name in module.slices:
-                    self.linears[(module.layer, name)] = hook
+        self.linears: dict[tuple[int, str], LinearLora] = {}     # (layer, hf module name) -> its fused stacks
+        self.by_linear: dict[LinearSite, LinearLora] = {}
+        for linear in model.linears():
+            stacks = LinearLora(linear)
+            self.by_linear[linear] = stacks
+            for name in linear.slices:
+                self.linears[(linear.layer, name)] = stacks
         self.embedding = EmbeddingLora()
-        model.embed_hooks.append(self.embedding)
         self.slots_in_use: set[int] = set()      # slots holding a LoRA adapter: every stack covers them all
+
+    def load(self, path: str):
+        from adapters.lora import load_lora
+        return load_lora(path, self.model.spec, self.model.base_weight)
+
+    def on_linear(self, x: torch.Tensor, y: torch.Tensor, meta, linear: LinearSite) -> None:
+        self.by_linear[linear](x, y, meta, linear)
+
+    def on_embed(self, h: torch.Tensor, meta) -> None:
+        self.embedding(h, meta)
 
     def install(self, slot: int, adapter) -> None:
         """Copy a loaded LoraAdapter's tensors into `slot` of every stack it touches."""
@@ -185,7 +193,7 @@ class LoraRuntime:
             grouped.setdefault(id(hook), {})[name] = mod
         self.slots_in_use.add(slot)
         num_slots = max(self.slots_in_use) + 1
-        for hook in self.by_linear:
+        for hook in self.by_linear.values():
             hook.set_slot(slot, grouped.get(id(hook), {}), num_slots)
         self.embedding.clear_slot(slot)
         if adapter.embed is not None:
@@ -193,7 +201,7 @@ class LoraRuntime:
 
     def remove(self, slot: int) -> None:
         self.slots_in_use.discard(slot)
-        for hook in self.by_linear:
+        for hook in self.by_linear.values():
             hook.clear_slot(slot)
         self.embedding.clear_slot(slot)
 
@@ -203,16 +211,7 @@ class LoraRuntime:
         AdapterDrop: a request with first adapter layer k is left out of the segments of layers < k and of
         the embedding (below layer 0); the lm_head (above every layer) keeps it.
         """
-        token_slots: list[int | None] = []
-        token_first: list[int] = []
-        sample_slots: list[int | None] = []
-        for item in layout.items:
-            adapter = item.seq.adapter
-            slot = adapter.slot if adapter is not None and adapter.kind == self.kind else None
-            token_slots.extend([slot] * item.num_tokens)
-            token_first.extend([item.seq.first_adapter_layer] * item.num_tokens)
-            if item.is_last_chunk:
-                sample_slots.append(slot)
+        token_slots, token_first, sample_slots = layout.slots_of(self.kinds)
         if all(s is None for s in token_slots):
             return None
         device = self.model.embed_tokens.weight.device

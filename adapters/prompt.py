@@ -1,5 +1,5 @@
 """PEFT prompt-learning checkpoints (prefix tuning / P-tuning v2, prompt tuning, P-tuning v1) -> the virtual
-tokens the runtime turns into shared KV blocks (adapters/prefix_runtime.py).
+tokens the engine turns into shared KV blocks (adapters/prefix_runtime.py, server/prefix_store.py).
 
 PEFT saves every one of these kinds as one tensor, `prompt_embeddings`, the prompt encoder's output computed at
 save time (so prefix_projection's MLP, P-tuning's MLP/LSTM and the TEXT / RANDOM init are already applied):
@@ -12,44 +12,15 @@ save time (so prefix_projection's MLP, P-tuning's MLP/LSTM and the TEXT / RANDOM
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
 from adapters.checkpoint import WEIGHTS_NAME, read_safetensors
 from adapters.config import AdapterError, PromptLearningConfig, load_config
+from adapters.interface import PrefixKV, VirtualTokens
 from server.model.spec import ModelSpec
 
 KEY = "prompt_embeddings"
-
-
-@dataclass
-class PrefixKV:
-    """Prefix tuning: every layer's keys and values for the n virtual tokens (keys as PEFT stores them, no RoPE)."""
-    key: torch.Tensor        # [num_layers, n, num_kv_heads, head_dim]
-    value: torch.Tensor      # [num_layers, n, num_kv_heads, head_dim]
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return self.key.shape[1]
-
-    @property
-    def num_bytes(self) -> int:
-        return 2 * self.key.numel() * self.key.element_size()
-
-
-@dataclass
-class VirtualTokens:
-    """Prompt tuning / P-tuning: n input embeddings that precede the request's tokens (positions 0..n-1)."""
-    embeddings: torch.Tensor     # [n, hidden]
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return self.embeddings.shape[0]
-
-    @property
-    def num_bytes(self) -> int:
-        return self.embeddings.numel() * self.embeddings.element_size()
 
 
 def load_prompt_adapter(adapter_dir: str, spec: ModelSpec) -> PrefixKV | VirtualTokens:

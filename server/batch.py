@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters.interface import StepHooks
+
 
 @dataclass
 class AttnGroup:
@@ -40,7 +42,8 @@ class BatchMeta:
     slot_mapping: torch.Tensor             # [T] long, block * block_size + offset
     attn_groups: list[AttnGroup]
     sample_index: torch.Tensor             # [S] long, rows whose logits are wanted
-    adapters: dict = field(default_factory=dict)   # adapter kind -> its per-step view (LoRA segments, ...)
+    adapters: dict = field(default_factory=dict)   # runtime name -> its per-step view (LoRA segments, ...)
+    hooks: StepHooks = field(default_factory=StepHooks)   # the hooks of the runtimes with a view this step
     inputs_embeds: torch.Tensor | None = None      # [T, hidden]: embeddings given instead of input_ids' rows
     # AdapterDrop of shared prefixes: per decoder layer its groups (below a request's first adapter layer, its
     # block table there skips its prefix blocks); None = attn_groups in every layer

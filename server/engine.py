@@ -9,9 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import AutoTokenizer
 
-from adapters.lora_runtime import LoraRuntime
-from adapters.prefix_runtime import KINDS as PREFIX_KINDS
-from adapters.prefix_runtime import PrefixRuntime, num_virtual_tokens
+from adapters.catalog import make_runtimes
 from adapters.registry import AdapterRegistry
 from server.config import EngineConfig
 from server.detokenizer import Detokenizer
@@ -20,6 +18,7 @@ from server.guided_decoding import GuidedDecoding, StepMasks
 from server.kv_blocks import BlockManager
 from server.outputs import RequestFailed, RequestOutput, TokenLogprob
 from server.penalties import apply_penalties
+from server.prefix_store import PrefixStore, RuntimeSlots
 from server.runner import ModelRunner
 from server.sampler import sample
 from server.sampling import ParamError, SamplingParams
@@ -75,27 +74,19 @@ class LLMEngine:
         self.num_prefill_tokens = 0         # prompt tokens run through the model (recomputation included)
         self._aborted: list[RequestState] = []
         self.num_preemptions = 0
-        lora = LoraRuntime(self.runner.model)
-        self.runner.adapter_runtimes.append(lora)
-        self.prefixes = PrefixRuntime(self.runner, self.scheduler.blocks)   # prefix / prompt tuning, P-tuning
+        self.runtimes = make_runtimes(self.runner.model)       # one per adapter family (adapters/catalog.py)
+        self.runner.adapter_runtimes = self.runtimes
+        self.prefixes = PrefixStore(self.runner, self.scheduler.blocks)     # adapters' virtual tokens
         self.scheduler.blocks.prefix_of = lambda seq: self.prefixes.prefix_of(seq.adapter)
         self.adapters = AdapterRegistry(
-            runtimes={"lora": lora, **{kind: self.prefixes for kind in PREFIX_KINDS}},
-            loaders={"lora": self._load_lora, **{kind: self._load_prompt for kind in PREFIX_KINDS}},
+            runtimes={kind: RuntimeSlots(rt, self.prefixes) for rt in self.runtimes for kind in rt.kinds},
+            loaders={kind: rt.load for rt in self.runtimes for kind in rt.kinds},
             num_layers=spec.num_layers, max_slots=config.max_loras,
             max_device_bytes=config.max_adapter_bytes, max_host_bytes=config.max_host_adapter_bytes)
         self.residency = _IsolatedResidency(self.adapters)
         self.scheduler.adapters = self.residency      # admission puts adapters on the device
         # structured output; the HTTP side compiles into the same cache at admission
         self.guided = GuidedDecoding(GrammarCache(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids)))
-
-    def _load_lora(self, path: str):
-        from adapters.lora import load_lora
-        return load_lora(path, self.runner.spec, self.runner.model.base_weight)
-
-    def _load_prompt(self, path: str):
-        from adapters.prompt import load_prompt_adapter
-        return load_prompt_adapter(path, self.runner.spec)
 
     # ---- requests in -------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -106,7 +97,7 @@ class LLMEngine:
         if request_id in self.requests or request_id in self.samples:
             raise ValueError(f"duplicate request id {request_id!r}")
         handle = self.adapters.get(adapter) if adapter is not None else None
-        num_virtual = num_virtual_tokens(handle)
+        num_virtual = _num_virtual_tokens(handle)
         self.validate_prompt(prompt_ids, params, num_virtual)
         if params.guided is not None:       # an invalid grammar is a ParamError before anything is held
             self.guided.grammars.compile(params.guided)
@@ -155,7 +146,7 @@ class LLMEngine:
     def context_len(self, adapter: str | None) -> int:
         """Prompt + output tokens a request for `adapter` may have: max_model_len less its virtual tokens."""
         handle = self.adapters.handles.get(adapter) if adapter is not None else None
-        return self.max_model_len - num_virtual_tokens(handle)
+        return self.max_model_len - _num_virtual_tokens(handle)
 
     def abort_request(self, request_id: str, index: int | None = None) -> None:
         """Abort every sample of the request, or only sample `index`."""
@@ -429,6 +420,12 @@ def _prompt_tokens_in(item: ScheduledSeq) -> int:
 
 def _sample_key(request_id: str, index: int) -> str:
     return request_id if index == 0 else f"{request_id}#{index}"
+
+
+def _num_virtual_tokens(handle) -> int:
+    """Virtual tokens a request for `handle` (None = the base model) has before its own tokens (prefix / prompt
+    tuning; the registry keeps the count while the weights are on disk)."""
+    return 0 if handle is None else handle.info.get("num_virtual_tokens", 0)
 
 
 def _adapter_names(seqs) -> list[str]:

@@ -15,29 +15,14 @@ same blocks. A sample's next token going into a block someone else still referen
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
 from server.sequence import Sequence
+from server.shared_prefix import SharedPrefix
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-@dataclass(frozen=True, eq=False)
-class SharedPrefix:
-    """Read-only KV blocks holding an adapter's `num_tokens` virtual tokens, right-aligned so that a sequence's
-    own tokens start on a fresh block. Block size 4, 6 virtual tokens: blocks [b0, b1], pad = 2, virtual token j
-    in slot pad + j (b0[2], b0[3], b1[0..3]); the sequence's token i goes to slot 8 + i and has position 6 + i.
-    In a block table starting with these blocks, key slot s has position s - pad; slots < pad hold nothing."""
-    blocks: tuple[int, ...]
-    num_tokens: int
-    block_size: int
-
-    @property
-    def pad(self) -> int:
-        return len(self.blocks) * self.block_size - self.num_tokens
 
 
 class BlockManager:

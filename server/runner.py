@@ -5,13 +5,13 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters.interface import StepItem, StepLayout
 from server.batch import AttnGroup, BatchMeta
 from server.config import EngineConfig
 from server.kv_blocks import cdiv
 from server.model.attention import KVCache
 from server.model.loader import load_model, resolve_dtype
 from server.scheduler import ScheduledSeq, SchedulerOutput
-from server.step_layout import StepLayout
 
 
 class ModelRunner:
@@ -29,7 +29,7 @@ class ModelRunner:
                              f"(one block of {self.block_size} tokens takes {per_block} bytes)")
         self.kv = KVCache(s.num_layers, self.num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
                           self.dtype, self.device)
-        self.adapter_runtimes: list = []     # each: .kind, .step_view(StepLayout) -> per-step view or None
+        self.adapter_runtimes: list = []     # adapters.interface.AdapterRuntime, set by the engine
 
     def run(self, batch: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Forward one step. Returns the sequences to sample (last chunk done) and their logits [S, V] fp32."""
@@ -74,11 +74,14 @@ class ModelRunner:
             sample_index=self._tensor(sample_rows),
             layer_attn_groups=self._drop_prefixes(members, groups),
         )
-        layout = StepLayout(order, rows)
-        for runtime in self.adapter_runtimes:
-            view = runtime.step_view(layout)
-            if view is not None:
-                meta.adapters[runtime.kind] = view
+        if any(item.seq.adapter is not None for item in order):
+            layout = StepLayout([StepItem(item.seq.adapter, row, item.num_tokens, item.seq.first_adapter_layer,
+                                          item.is_last_chunk) for item, row in zip(order, rows)])
+            for runtime in self.adapter_runtimes:
+                view = runtime.step_view(layout)
+                if view is not None:
+                    meta.adapters[runtime.name] = view
+                    meta.hooks.add(runtime)
         return meta, sampled
 
     def attn_group(self, members: list[AttnMember]) -> AttnGroup:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from server.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from server.kv_blocks import SharedPrefix
+    from server.shared_prefix import SharedPrefix
 
 
 class SequenceStatus(Enum):

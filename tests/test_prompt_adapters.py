@@ -147,7 +147,7 @@ def test_prefix_adapters_survive_eviction(setup):
     names = ["prefix", "lora", "prompt_random", "prefix", "lora", "prompt_random", BASE]
     prompts = make_prompts(26, [9, 14, 6, 11, 4, 13, 8])
     engine = engine_with(setup.base, {}, max_loras=2, kv_cache_memory=24 * 3072, max_num_batched_tokens=16)
-    engine.prefixes.evictable = True
+    next(rt for rt in engine.runtimes if rt.name == "prefix").evictable = True
     for name in ("prefix", "lora", "prompt_random"):
         engine.adapters.load(name, str(setup.dirs[name]))
     installs = []

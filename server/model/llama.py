@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.interface import ATTENTION, MLP
 from server.batch import BatchMeta
 from server.model.attention import KVCache, paged_attention
 from server.model.spec import ModelSpec
@@ -17,8 +18,8 @@ from server.model.spec import ModelSpec
 class Linear(nn.Module):
     """y = x @ W.T (+ b). `slices`: HF module name -> (first column, width) within y.
 
-    Adapters that touch a linear layer add their contribution for the tokens that carry them through
-    `self.adapter_hooks` (each a callable(x, y, meta, layer_index, module_name) modifying y in place).
+    Adapters act through this step's hooks (adapters/interface.py): `meta.hooks.linear_input` may replace the
+    input of the matmul, `meta.hooks.linear` modify y in place for the tokens that carry them.
     """
 
     def __init__(self, in_features: int, slices: dict[str, int], bias: bool, layer: int):
@@ -31,11 +32,13 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(col, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(col), requires_grad=False) if bias else None
         self.layer = layer
-        self.adapter_hooks: list = []
 
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+        hooks = meta.hooks
+        for hook in hooks.linear_input:
+            x = hook(x, meta, self)
         y = F.linear(x, self.weight, self.bias)
-        for hook in self.adapter_hooks:
+        for hook in hooks.linear:
             hook(x, y, meta, self)
         return y
 
@@ -101,14 +104,24 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
+        self.layer = layer
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = Attention(spec, layer)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec, layer)
 
     def forward(self, h, cos, sin, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv)
-        return h + self.mlp(self.post_attention_layernorm(h), meta)
+        x = self.input_layernorm(h)
+        h = self._residual(ATTENTION, x, h, self.self_attn(x, cos, sin, meta, kv), meta)
+        x = self.post_attention_layernorm(h)
+        return self._residual(MLP, x, h, self.mlp(x, meta), meta)
+
+    def _residual(self, name: str, x, residual, out, meta: BatchMeta) -> torch.Tensor:
+        """residual + out, then the sub-layer hooks (bottleneck adapters) rewrite their tokens' rows."""
+        h = residual + out
+        for hook in meta.hooks.sublayer:
+            hook(name, x, residual, out, h, meta, self)
+        return h
 
 
 class LlamaModel(nn.Module):
@@ -123,21 +136,33 @@ class LlamaModel(nn.Module):
         self.lm_head = Linear(spec.hidden_size, {"lm_head": spec.vocab_size}, False, spec.num_layers)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.embed_hooks: list = []          # callable(h, meta): adds per-token embedding deltas in place
         self.register_buffer("inv_freq", spec.inv_freq.clone(), persistent=False)
+
+    def linears(self) -> list[Linear]:
+        """Every (fused) linear, decoder layers in order, then the lm_head."""
+        return [m for m in self.modules() if isinstance(m, Linear)]
 
     def base_weight(self, layer: int | None, module: str) -> torch.Tensor:
         """The frozen weight [out, in] of HF module `module` (a view into our fused weights)."""
         if module == "embed_tokens":
             return self.embed_tokens.weight
+        linear, col, width = self._site(layer, module)
+        return linear.weight[col:col + width]
+
+    def base_bias(self, layer: int | None, module: str) -> torch.Tensor | None:
+        """The frozen bias [out] of HF module `module`, or None when the architecture gives it none."""
+        linear, col, width = self._site(layer, module)
+        return None if linear.bias is None else linear.bias[col:col + width]
+
+    def _site(self, layer: int | None, module: str) -> tuple[Linear, int, int]:
         if module == "lm_head":
-            return self.lm_head.weight
+            return self.lm_head, 0, self.lm_head.weight.shape[0]
         block = self.layers[layer].self_attn if module in ("q_proj", "k_proj", "v_proj", "o_proj") \
             else self.layers[layer].mlp
         for linear in (m for m in block.modules() if isinstance(m, Linear)):
             if module in linear.slices:
                 col, width = linear.slices[module]
-                return linear.weight[col:col + width]
+                return linear, col, width
         raise KeyError(f"no module {module!r} in layer {layer}")
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +174,7 @@ class LlamaModel(nn.Module):
 
     def embed(self, meta: BatchMeta) -> torch.Tensor:
         h = self.embed_tokens(meta.input_ids) if meta.inputs_embeds is None else meta.inputs_embeds.clone()
-        for hook in self.embed_hooks:
+        for hook in meta.hooks.embed:
             hook(h, meta)
         return h
 
