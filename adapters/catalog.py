@@ -2,6 +2,7 @@
 (each runtime's `kinds`), so a new adapter family is one runtime file and one line here."""
 from __future__ import annotations
 
+from adapters.bitfit_runtime import BitFitRuntime
 from adapters.ia3_runtime import IA3Runtime
 from adapters.interface import AdapterRuntime, AdaptableModel
 from adapters.lora_runtime import LoraRuntime
@@ -10,4 +11,4 @@ from adapters.prefix_runtime import PrefixRuntime
 
 def make_runtimes(model: AdaptableModel) -> list[AdapterRuntime]:
     """One instance of each runtime on `model`, in the order their hooks run."""
-    return [LoraRuntime(model), PrefixRuntime(model), IA3Runtime(model)]
+    return [LoraRuntime(model), PrefixRuntime(model), IA3Runtime(model), BitFitRuntime(model)]

@@ -24,9 +24,10 @@ P_TUNING = "p_tuning"
 IA3 = "ia3"
 BOTTLENECK = "bottleneck"
 ADAPTERHUB_IA3 = "adapterhub_ia3"      # AdapterHub's IA3Config: architecture "lora", composition_mode "scale"
+BITFIT = "bitfit"                      # our format (README "BitFit adapters"): peft_type "BITFIT"
 
 PEFT_KINDS = {"LORA": LORA, "ADALORA": LORA, "PREFIX_TUNING": PREFIX_TUNING, "PROMPT_TUNING": PROMPT_TUNING,
-              "P_TUNING": P_TUNING, "IA3": IA3}
+              "P_TUNING": P_TUNING, "IA3": IA3, "BITFIT": BITFIT}
 
 # LoraConfig options that change the math in ways our LoRA tensors cannot express -> why we refuse them.
 UNSUPPORTED_LORA_OPTIONS = {
@@ -214,6 +215,15 @@ class IA3Config(_FromDict):
 
 
 @dataclass(kw_only=True)
+class BitFitConfig(_FromDict):
+    """BitFit (our format, adapters/bitfit.py): fine-tuned biases of linear layers, which replace the base's.
+    `target_modules` (optional, matched like LoRA's): the modules that may carry a bias; None = any."""
+    peft_type: str
+    target_modules: list[str] | str | None = None
+    base_model_name_or_path: str | None = None
+
+
+@dataclass(kw_only=True)
 class BottleneckConfig(_FromDict):
     """An AdapterHub (`adapters` library) bottleneck adapter; `config` holds its method options
     (mh_adapter, output_adapter, reduction_factor, non_linearity, ...)."""
@@ -227,7 +237,8 @@ class BottleneckConfig(_FromDict):
 
 
 CONFIG_CLASSES = {"LORA": LoraConfig, "ADALORA": AdaLoraConfig, "PREFIX_TUNING": PromptLearningConfig,
-                  "PROMPT_TUNING": PromptLearningConfig, "P_TUNING": PromptLearningConfig, "IA3": IA3Config}
+                  "PROMPT_TUNING": PromptLearningConfig, "P_TUNING": PromptLearningConfig, "IA3": IA3Config,
+                  "BITFIT": BitFitConfig}
 
 
 def pattern_key(patterns: dict, module: str) -> str:
