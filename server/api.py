@@ -121,7 +121,7 @@ class _Serving:
                     first = now
                     self.metrics.time_to_first_token.observe(now - start)
                 if out.finished:
-                    self.metrics.observe_finished(adapter, out.num_prompt_tokens, out.num_output_tokens,
+                    self.metrics.observe_finished(self.mixtures.metrics_label(adapter), out.num_prompt_tokens, out.num_output_tokens,
                                                   now - start, None if first is None else now - first,
                                                   out.queue_seconds)
                 yield out

@@ -6,7 +6,9 @@ loads it like any adapter under the recipe's name ("mixture-" + a hash of the re
 ordinary entry: it has bytes, a tier, and is evicted device -> host -> disk (re-read from that checkpoint) like
 the others. Later requests with the same recipe reuse it; concurrent first requests share one computation. It is
 recomputed when a member has been replaced or unloaded since. At most `max_mixtures` mixtures stay registered:
-beyond that the least recently used one no request is using is unloaded and its checkpoint deleted.
+beyond that the least recently used one no request is using is unloaded and its checkpoint deleted. In /metrics'
+per-adapter counters all mixtures share the adapter label "merged_adapters" (recipes are unbounded, labels must
+not be).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from adapters.mixture import MixtureError, MixtureRecipe, make_mixture
 from server.errors import APIError
 
 MAX_MIXTURES = 64
+METRICS_LABEL = "merged_adapters"     # the adapter label of every mixture's requests in /metrics
 
 
 class MergedAdapters(BaseModel):
@@ -83,6 +86,10 @@ class Mixtures:
         except AdapterError as exc:
             raise APIError(400, f"merged_adapters: {exc}", param="merged_adapters.ids",
                            code="invalid_merged_adapters") from None
+
+    def metrics_label(self, adapter: str | None) -> str | None:
+        """Per-adapter metrics count every mixture under one label: clients can make any number of recipes."""
+        return METRICS_LABEL if adapter is not None and adapter in self.made else adapter
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

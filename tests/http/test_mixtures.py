@@ -191,3 +191,15 @@ def test_concurrent_first_requests_compute_once(mix_server):
         answers = list(pool.map(ask, range(4)))
     assert all(a == answers[0] for a in answers)
     assert mix_server.mixtures.num_computed == computed + 1
+
+
+def test_metrics_count_every_mixture_under_one_label(mix_server):
+    from tests.http.conftest import metric_value
+    with mix_server.client() as http:
+        before = metric_value(http.get("/metrics").text, "peftserve_adapter_requests_total",
+                              'adapter="merged_adapters"') or 0
+        for w in (0.11, 0.12):
+            tokens_of(complete(http, {"ids": ["qv", "qo"], "weights": [w, 1.0]}))
+        text = http.get("/metrics").text
+        assert metric_value(text, "peftserve_adapter_requests_total", 'adapter="merged_adapters"') == before + 2
+        assert "mixture-" not in text
