@@ -13,9 +13,10 @@ becomes false, lm_head.weight is written): the unmerged adapter changes the inpu
 independently, and so must the merged model. (PEFT's merge_and_unload would change both through the shared
 tensor.)
 
-(IA)^3 vectors (PEFT's and AdapterHub's) scale W's rows and bias (output) or columns (input, feedforward modules).
+(IA)^3 vectors (PEFT's and AdapterHub's) scale W's rows and bias (output) or columns (input, feedforward modules);
+BitFit biases replace the base's (a Llama base without biases gets attention_bias / mlp_bias set).
 Kinds: FOLDERS maps an adapter kind (adapters/config.py: detect_kind) to a function folding it into the weight
-dict; a kind without one (BitFit for now; prefix / prompt tuning, which cannot be merged) is a clear error. A mixture recipe is merged by
+dict; a kind without one (prefix / prompt tuning, which cannot be merged; bottleneck adapters) is a clear error. A mixture recipe is merged by
 writing the mixture's checkpoint first (adapters/mixture.py), then folding it as LoRA.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from adapters.checkpoint import WEIGHTS_NAME, read_safetensors
-from adapters.config import ADAPTERHUB_IA3, IA3, LORA, AdapterError, detect_kind, load_config
+from adapters.config import ADAPTERHUB_IA3, BITFIT, IA3, LORA, AdapterError, detect_kind, load_config
 from server.model.spec import ModelSpec
 
 PEFT_PREFIX = "base_model.model."
@@ -62,6 +63,8 @@ class BaseWeights:
                 for name in f.keys():
                     self.tensors[name] = f.get_tensor(name)
         self.merged: dict[str, torch.Tensor] = {}      # name -> float32, only the tensors an adapter changed
+        self.added: dict[str, str] = {}                # name -> shard of tensors the base does not have (biases)
+        self.config_updates: dict[str, object] = {}    # config.json fields the merged model needs
 
     @staticmethod
     def hf_name(layer: int | None, module: str) -> str:
@@ -170,9 +173,45 @@ def fold_adapterhub_ia3(adapter_dir: str, weights: BaseWeights) -> None:
         weights.working(weights.hf_name(layer, module)).mul_(scale[None, :])
 
 
-# adapter kind -> fold(adapter_dir, weights). BitFit: add its fold here when the server serves that kind.
+# Bias flags of HF configs: which modules get a bias when the flag is set (Llama only; Mistral has none, Qwen2's
+# q/k/v biases are always there and its other modules never have one).
+BIAS_FLAGS = {"llama": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                        "mlp_bias": ("gate_proj", "up_proj", "down_proj")}}
+
+
+def fold_bitfit(adapter_dir: str, weights: BaseWeights) -> None:
+    """BitFit (adapters/bitfit.py): the adapter's biases replace the base's. A module of a base without biases
+    gets one through its config flag (Llama's attention_bias / mlp_bias, zeros on the group's other modules);
+    where no HF config can hold the bias (lm_head, Mistral, Qwen2's o_proj / MLP) the merge is refused."""
+    from adapters.bitfit import load_bitfit
+    spec = weights.spec
+
+    def bias_name(layer, module):
+        return weights.hf_name(layer, module).removesuffix(".weight") + ".bias"
+
+    adapter = load_bitfit(adapter_dir, spec, lambda layer, module: weights.tensors.get(bias_name(layer, module)))
+    flags = BIAS_FLAGS.get(spec.model_type, {})
+    for (layer, module) in adapter.delta:
+        if bias_name(layer, module) in weights.tensors:
+            continue
+        flag = next((f for f, modules in flags.items() if module in modules), None)
+        if flag is None:
+            raise AdapterError(f"{adapter_dir}: a bias on {module} cannot be written as a {spec.model_type} "
+                               f"checkpoint (its config has no option for it); serve the adapter unmerged")
+        weights.config_updates[flag] = True
+        for i in range(spec.num_layers):                   # the flag gives every module of its group a bias
+            for other in flags[flag]:
+                name, weight = bias_name(i, other), weights.hf_name(i, other)
+                if name not in weights.tensors and name not in weights.added:
+                    weights.added[name] = next(s for s, names in weights.shards.items() if weight in names)
+                    weights.merged[name] = torch.zeros(weights.tensors[weight].shape[0])
+    for (layer, module), delta in adapter.delta.items():
+        weights.working(bias_name(layer, module)).add_(delta.float())
+
+
+# adapter kind -> fold(adapter_dir, weights).
 FOLDERS: dict[str, Callable[[str, BaseWeights], None]] = {LORA: fold_lora, IA3: fold_ia3,
-                                                          ADAPTERHUB_IA3: fold_adapterhub_ia3}
+                                                          ADAPTERHUB_IA3: fold_adapterhub_ia3, BITFIT: fold_bitfit}
 
 
 def merge_adapter(model_dir: str, adapter_dir: str, out_dir: str) -> str:
@@ -243,9 +282,12 @@ def _write(weights: BaseWeights, out_dir: str) -> None:
         for shard, names in weights.shards.items():
             if untie and EMBED in names and LM_HEAD not in weights.tensors:
                 names = [*names, LM_HEAD]
+            names = [*names, *(n for n, s in weights.added.items() if s == shard)]
             out = {}
             for name in names:
-                original = weights.tensors.get(name, weights.tensors[EMBED])
+                original = weights.tensors.get(name)
+                if original is None:                  # an untied head, or a bias the base lacks: the weight's dtype
+                    original = weights.tensors[EMBED if name == LM_HEAD else name.removesuffix(".bias") + ".weight"]
                 tensor = weights.merged.get(name)
                 out[name] = original.contiguous() if tensor is None else tensor.to(original.dtype).contiguous()
                 weight_map[name] = shard
@@ -257,10 +299,12 @@ def _write(weights: BaseWeights, out_dir: str) -> None:
             with open(os.path.join(tmp, INDEX_NAME), "w") as f:
                 json.dump(index, f, indent=2)
         if untie:
+            weights.config_updates["tie_word_embeddings"] = False
+        if weights.config_updates:
             path = os.path.join(tmp, "config.json")
             with open(path) as f:
                 config = json.load(f)
-            config["tie_word_embeddings"] = False
+            config.update(weights.config_updates)
             with open(path, "w") as f:
                 json.dump(config, f, indent=2)
         os.chmod(tmp, 0o755)

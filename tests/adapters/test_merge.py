@@ -218,3 +218,33 @@ def test_merged_adapterhub_ia3_equals_adapterhub(tmp_path, tokenizer_dir, model,
     for i in range(len(expected["prompts"])):
         assert got[f"r{i}"] == want_tokens[i], i
         torch.testing.assert_close(torch.stack(seen[f"r{i}"]), want_logits[i], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind,modules", [
+    ("llama", [(0, "q_proj"), (1, "v_proj"), (2, "o_proj"), (1, "up_proj"), (2, "down_proj")]),   # no base biases
+    ("qwen2", [(0, "q_proj"), (0, "k_proj"), (1, "v_proj")]),                                    # base q/k/v biases
+])
+def test_merged_bitfit_equals_the_finetuned_model(tiny_model_dir, tmp_path, kind, modules):
+    from adapters.tools.extract_bitfit import main as extract_main
+    from tests.test_bitfit import bitfit_finetune
+    base = tiny_model_dir(kind)
+    tuned = bitfit_finetune(base, modules, seed=4)
+    tuned.save_pretrained(tmp_path / "tuned")
+    assert extract_main([str(base), str(tmp_path / "tuned"), str(tmp_path / "bitfit")]) == 0
+    ref = [hf_reference(tuned, p) for p in PROMPTS]
+    assert [r[0] for r in ref] != [hf_reference(load_hf(base), p)[0] for p in PROMPTS]
+    out = tmp_path / "merged"
+    merge_adapter(str(base), str(tmp_path / "bitfit"), str(out))
+    check_merged_dir(out, base, ref)
+
+
+@pytest.mark.parametrize("kind,module", [("llama", (None, "lm_head")), ("qwen2", (1, "o_proj"))])
+def test_bitfit_bias_no_config_can_hold_is_refused(tiny_model_dir, tmp_path, kind, module):
+    from adapters.tools.extract_bitfit import main as extract_main
+    from tests.test_bitfit import bitfit_finetune
+    base = tiny_model_dir(kind)
+    bitfit_finetune(base, [module], seed=4).save_pretrained(tmp_path / "tuned")
+    assert extract_main([str(base), str(tmp_path / "tuned"), str(tmp_path / "bitfit")]) == 0
+    with pytest.raises(MergeError, match=f"a bias on {module[1]} cannot be written"):
+        merge_adapter(str(base), str(tmp_path / "bitfit"), str(tmp_path / "merged"))
+    assert not (tmp_path / "merged").exists()
