@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.interface import ATTENTION, MLP
+from adapters import interface
 from server.batch import BatchMeta
 from server.model.attention import KVCache, paged_attention
 from server.model.spec import ModelSpec
@@ -112,9 +112,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, cos, sin, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
         x = self.input_layernorm(h)
-        h = self._residual(ATTENTION, x, h, self.self_attn(x, cos, sin, meta, kv), meta)
+        h = self._residual(interface.ATTENTION, x, h, self.self_attn(x, cos, sin, meta, kv), meta)
         x = self.post_attention_layernorm(h)
-        return self._residual(MLP, x, h, self.mlp(x, meta), meta)
+        return self._residual(interface.MLP, x, h, self.mlp(x, meta), meta)
 
     def _residual(self, name: str, x, residual, out, meta: BatchMeta) -> torch.Tensor:
         """residual + out, then the sub-layer hooks (bottleneck adapters) rewrite their tokens' rows."""
