@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API. Routes only translate: body -> (prompt ids, SamplingParams, adapter) -> engine,
 engine outputs -> OpenAI JSON or SSE. Every error leaves in OpenAI's shape (server/errors.py).
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics; admin
-routes (their own key when --admin-api-key is set): POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter,
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics; LoRAX's
+POST /generate and POST /generate_stream (server/lorax_api.py, errors in LoRAX's shape there); admin routes
+(their own key when --admin-api-key is set): POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter,
 GET /v1/adapters (server/lifecycle.py does the work).
 A client that disconnects has its request aborted, streaming or not, so its KV blocks are freed.
 """
@@ -28,9 +29,12 @@ from adapters.config import AdapterError
 from adapters.paths import AdapterRoots
 from adapters.registry import AdapterNotFound
 from server.async_engine import AsyncEngine, EngineOverloaded, EngineShutdown, RequestFailed
+from server.choices import fan_in
 from server.draining import Drain, DrainGate
 from server.errors import APIError, ModelNotFound, from_validation_errors, to_api_error
 from server.lifecycle import AdapterLifecycle, AdapterList, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from server.lorax import LORAX_ROUTES, LoraxError, lorax_error_type
+from server.lorax_api import add_lorax_routes
 from server.metrics import RequestCounter, ServerMetrics
 from server.middleware import ADMIN_ROUTES, BearerAuth, BodySizeLimit
 from server.mixtures import Mixtures
@@ -44,7 +48,8 @@ from server.sampling import ParamError, SamplingParams
 
 log = logging.getLogger(__name__)
 
-ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", *ADMIN_ROUTES}
+ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", *ADMIN_ROUTES,
+          *LORAX_ROUTES}
 CLIENT_CLOSED = 499              # nginx's status for "client closed request"; nobody receives it
 MAX_BODY_BYTES = 8 * 2**20       # default request-body limit (413 beyond it)
 TOKENIZE_THREADS = 2             # prompts tokenized at once, off the event loop
@@ -53,15 +58,23 @@ TOKENIZE_THREADS = 2             # prompts tokenized at once, off the event loop
 def resolve_model(name: str, base_name: str, adapters, adapter_id: str | None = None) -> str | None:
     """The adapter a request names, or None for the base model; ModelNotFound otherwise.
 
-    vLLM convention: `model` is the base model's name or an adapter's. LoRAX's `adapter_id`, when given,
-    names the adapter whatever `model` says. `adapters` is the engine's registry (read-only here; the
-    engine checks again when the request arrives, in case the adapter was unloaded meanwhile)."""
+    vLLM convention: `model` is the base model's name or an adapter's; SGLang's `base:adapter` names the
+    adapter too. LoRAX's `adapter_id`, when given, names the adapter whatever `model` says. `adapters` is the
+    engine's registry (read-only here; the engine checks again when the request arrives, in case the adapter
+    was unloaded meanwhile)."""
     wanted = adapter_id or name
     if adapter_id is None and name == base_name:
         return None
     if wanted in adapters:
         return wanted
+    if adapter_id is None and name.startswith(base_name + ":") and name[len(base_name) + 1:] in adapters:
+        return name[len(base_name) + 1:]
     raise ModelNotFound(wanted, [base_name, *sorted(adapters.handles)])
+
+
+def sglang_adapter(name: str, base_name: str) -> str:
+    """The adapter part of SGLang's `base:adapter` model name (`name` itself otherwise)."""
+    return name[len(base_name) + 1:] if name.startswith(base_name + ":") else name
 
 
 class _Serving:
@@ -79,6 +92,7 @@ class _Serving:
         self.context_len = engine.context_len         # max_model_len less an adapter's virtual tokens
         self.adapters = engine.adapters
         self.grammars = engine.guided.grammars        # structured output: compiled at admission, cached
+        self.eos_token_ids = engine.eos_token_ids
         self.metrics = metrics
         self.lifecycle = lifecycle
         self.mixtures = Mixtures(async_engine, lifecycle)
@@ -98,7 +112,7 @@ class _Serving:
         try:
             return resolve_model(body.model, self.model_name, self.adapters, body.adapter_id)
         except ModelNotFound:
-            wanted = body.adapter_id or body.model
+            wanted = body.adapter_id or sglang_adapter(body.model, self.model_name)
             if await self.lifecycle.load_on_demand(wanted):
                 return wanted
             raise
@@ -109,10 +123,25 @@ class _Serving:
         if params.guided is not None:
             await asyncio.to_thread(self.grammars.compile, params.guided)
 
+    async def encode(self, prompt: str | list[int], context_len: int) -> list[int]:
+        """Token ids of a text prompt (token ids pass through)."""
+        if not isinstance(prompt, str):
+            return prompt
+        self.prompts.check_length(prompt, context_len, "prompt")
+        return await self.prompts.run(lambda t: t.encode(prompt), len(prompt))
+
+    def generate_many(self, prompt_ids: list[list[int]], params: SamplingParams, adapter: str | None,
+                      request_id: str, adapter_drop: int | None = None) -> AsyncIterator[RequestOutput]:
+        """One engine request per prompt, merged (server/choices.py): output index = prompt * samples + sample."""
+        ids = [request_id] if len(prompt_ids) == 1 else [f"{request_id}-{p}" for p in range(len(prompt_ids))]
+        return fan_in([self.generate(prompt, params, adapter, rid, adapter_drop)
+                       for prompt, rid in zip(prompt_ids, ids)], params.num_samples)
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
                        request_id: str, adapter_drop: int | None = None) -> AsyncIterator[RequestOutput]:
         start = time.monotonic()
         first: float | None = None          # when the first generated token arrived
+        num_open, num_output_tokens = params.num_samples, 0
         generation = self.async_engine.generate(prompt_ids, params, adapter, request_id, adapter_drop)
         async with aclosing(generation) as outputs:
             async for out in outputs:
@@ -121,9 +150,12 @@ class _Serving:
                     first = now
                     self.metrics.time_to_first_token.observe(now - start)
                 if out.finished:
-                    self.metrics.observe_finished(self.mixtures.metrics_label(adapter), out.num_prompt_tokens, out.num_output_tokens,
-                                                  now - start, None if first is None else now - first,
-                                                  out.queue_seconds)
+                    num_open -= 1
+                    num_output_tokens += out.num_output_tokens
+                if out.finished and num_open == 0:      # once per request, its samples' tokens together
+                    self.metrics.observe_finished(self.mixtures.metrics_label(adapter), out.num_prompt_tokens,
+                                                  num_output_tokens, now - start,
+                                                  None if first is None else now - first, out.queue_seconds)
                 yield out
 
 
@@ -167,20 +199,21 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
     @app.post("/v1/completions", response_model=None, responses=generation_responses(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request):
         adapter = await serving.resolve(body)
-        prompt = body.single_prompt()
+        prompts = body.prompts()
         params = body.sampling_params()
         await serving.compile_grammar(params)
-        if isinstance(prompt, str):
-            serving.prompts.check_length(prompt, serving.context_len(adapter), "prompt")
-            prompt_ids = await serving.prompts.run(lambda t: t.encode(prompt), len(prompt))
-        else:
-            prompt_ids = prompt
-        echo_text = "" if not body.echo else prompt if isinstance(prompt, str) else \
-            await serving.prompts.run(lambda t: t.decode(prompt), len(prompt))
+        prompt_ids = [await serving.encode(prompt, serving.context_len(adapter)) for prompt in prompts]
+        echo_texts = None
+        if body.echo:
+            echo_texts = [prompt if isinstance(prompt, str) else
+                          await serving.prompts.run(lambda t, p=prompt: t.decode(p), len(prompt))
+                          for prompt in prompts]
         request_id = new_id("cmpl")
-        formatter = CompletionFormatter(serving.tokenizer, request_id, body.model, echo_text=echo_text,
-                                        include_usage=body.include_usage)
-        outputs = serving.generate(prompt_ids, params, adapter, request_id, body.adapter_drop)
+        formatter = CompletionFormatter(serving.tokenizer, request_id, body.model, echo_texts=echo_texts,
+                                        include_usage=body.include_usage, n=body.n,
+                                        num_choices=len(prompts) * body.n, best_of=params.best_of,
+                                        tokens_as_ids=body.return_tokens_as_token_ids)
+        outputs = serving.generate_many(prompt_ids, params, adapter, request_id, body.adapter_drop)
         return await _respond(request, outputs, formatter, body.stream)
 
     @app.post("/v1/chat/completions", response_model=None, responses=generation_responses(ChatCompletionResponse))
@@ -193,9 +226,12 @@ def build_app(async_engine: AsyncEngine, *, api_key: str | None = None, admin_ap
         params = body.sampling_params(len(prompt_ids), context_len)
         await serving.compile_grammar(params)
         request_id = new_id("chatcmpl")
-        formatter = ChatFormatter(serving.tokenizer, request_id, body.model, include_usage=body.include_usage)
+        formatter = ChatFormatter(serving.tokenizer, request_id, body.model, include_usage=body.include_usage,
+                                  n=body.n, tokens_as_ids=body.return_tokens_as_token_ids)
         outputs = serving.generate(prompt_ids, params, adapter, request_id, body.adapter_drop)
         return await _respond(request, outputs, formatter, body.stream)
+
+    add_lorax_routes(app, serving, _until_disconnect)
 
     @app.get("/v1/models", responses=responses(401))
     async def models() -> ModelList:
@@ -324,19 +360,29 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 # ---- errors -------------------------------------------------------------------------------------------
+def _shaped(request: Request, error: APIError) -> Response:
+    """OpenAI's error body, or LoRAX's `{"error", "error_type"}` on LoRAX's routes (its clients parse that)."""
+    if request.url.path not in LORAX_ROUTES:
+        return error.response()
+    body = LoraxError(error=error.message, error_type=lorax_error_type(error.status))
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return Response(body.model_dump_json(), status_code=error.status, media_type="application/json",
+                    headers=headers)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: Exception) -> Response:
         error = to_api_error(exc)
         if error.status >= 500:         # an unexpected exception's traceback is logged by the server
             log.log(logging.ERROR if error.status == 500 else logging.WARNING, "%s %s failed: %s",
                     request.method, request.url.path, exc)
-        return error.response()
+        return _shaped(request, error)
 
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return from_validation_errors(list(exc.errors())).response()
+        return _shaped(request, from_validation_errors(list(exc.errors())))
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return APIError(exc.status_code, str(exc.detail)).response()
+        return _shaped(request, APIError(exc.status_code, str(exc.detail)))
 
     for exc_class in (APIError, ParamError, AdapterError, AdapterNotFound, EngineOverloaded, EngineShutdown,
                       RequestFailed, Exception):

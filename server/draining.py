@@ -15,7 +15,7 @@ import time
 import uvicorn
 
 from server.errors import APIError
-from server.middleware import INFERENCE_PREFIX
+from server.middleware import is_inference
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,14 @@ class Drain:
 
 
 class DrainGate:
-    """ASGI middleware: /v1/ requests are counted by `drain`, and refused with a 503 once it is draining."""
+    """ASGI middleware: /v1/ and LoRAX requests are counted by `drain`, and refused with a 503 once it is draining."""
 
     def __init__(self, app, drain: Drain):
         self.app = app
         self.drain = drain
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith(INFERENCE_PREFIX):
+        if scope["type"] != "http" or not is_inference(scope["path"]):
             return await self.app(scope, receive, send)
         if not self.drain.enter():
             error = APIError(503, "server is shutting down; retry on another replica", code="shutting_down",

@@ -7,12 +7,18 @@ import secrets
 from server.errors import APIError
 
 INFERENCE_PREFIX = "/v1/"        # paths that need the API key when one is set
+LORAX_ROUTES = frozenset({"/generate", "/generate_stream"})     # LoRAX's, guarded like /v1/
 ADMIN_ROUTES = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters"}
 
 
+def is_inference(path: str) -> bool:
+    """Paths that need the API key and that draining refuses: /v1/ and LoRAX's routes."""
+    return path.startswith(INFERENCE_PREFIX) or path in LORAX_ROUTES
+
+
 class BearerAuth:
-    """ADMIN_ROUTES need `Authorization: Bearer <admin_api_key>`, other paths under /v1/ `Bearer <api_key>`
-    (a key that is None lets its paths through)."""
+    """ADMIN_ROUTES need `Authorization: Bearer <admin_api_key>`, other inference paths (/v1/, LoRAX's)
+    `Bearer <api_key>` (a key that is None lets its paths through)."""
 
     def __init__(self, app, api_key: str | None, admin_api_key: str | None):
         self.app = app
@@ -20,7 +26,7 @@ class BearerAuth:
         self.expected_admin = f"Bearer {admin_api_key}".encode() if admin_api_key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith(INFERENCE_PREFIX):
+        if scope["type"] == "http" and is_inference(scope["path"]):
             is_admin = scope["path"] in ADMIN_ROUTES
             expected = self.expected_admin if is_admin else self.expected
             given = dict(scope["headers"]).get(b"authorization", b"")

@@ -2,7 +2,7 @@
 (engine outputs -> these bodies: server/formatters.py).
 
 Unknown request fields are ignored, as OpenAI clients send fields a server may not know; fields we know but
-don't support (n > 1, penalties, best_of, suffix, logit_bias) are rejected with a ParamError naming them.
+don't support (suffix) are rejected with a ParamError naming them.
 """
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_seriali
 
 from server.guided import GuidedSpec, guided_spec
 from server.mixtures import MergedAdapters
-from server.sampling import MIN_TEMPERATURE, ParamError, SamplingParams
+from server.sampling import (MAX_LOGIT_BIAS, MAX_SAMPLES, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, ParamError,
+                             SamplingParams)
 
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 128           # prompts x samples (best_of, else n) in one request
 
 
 # ---- requests ------------------------------------------------------------------------------------------------
@@ -64,7 +66,8 @@ class _GenerationRequest(BaseModel):
     seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = Field(default=None, description="only with stream=true")
-    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    n: int = Field(default=1, ge=1, le=MAX_SAMPLES, description=f"samples per prompt; prompts x n (x best_of) "
+                                                                  f"<= {MAX_CHOICES}")
     ignore_eos: bool = False                      # extension
     adapter_id: NonEmptyText | None = Field(default=None, description="extension (LoRAX): the adapter to use, "
                                                                        "whatever `model` says")
@@ -72,9 +75,21 @@ class _GenerationRequest(BaseModel):
                                      description="extension: skip the adapter in decoder layers below this one")
     merged_adapters: MergedAdapters | None = Field(default=None, description="extension (LoRAX): a mixture of "
                                                    "LoRA adapters to use, whatever `model` says")
-    presence_penalty: float | None = Field(default=None, ge=0, le=0, description="not supported: 0 or absent")
-    frequency_penalty: float | None = Field(default=None, ge=0, le=0, description="not supported: 0 or absent")
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=0, description="not supported")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False,
+                                           description="logit -= (count > 0) * presence_penalty, count over "
+                                                       "generated tokens")
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False,
+                                            description="logit -= count * frequency_penalty")
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=2, allow_inf_nan=False,
+                                             description="extension (vLLM): transformers' repetition penalty over "
+                                                         "prompt + generated tokens; 1 = off")
+    logit_bias: dict[str, float] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS, description="token id (as a string) -> bias added to its logit")
+    min_tokens: int | None = Field(default=None, ge=0, le=MAX_INT32,
+                                   description="extension (vLLM): EOS and stop_token_ids are masked until this "
+                                               "many tokens are generated")
+    return_tokens_as_token_ids: bool = Field(default=False, description="extension (vLLM): logprobs name "
+                                                                         "tokens as 'token_id:<id>'")
     user: Text | None = None
     response_format: ResponseFormat | None = None
     guided_json: dict | bool | str | None = Field(default=None, description="vLLM extension: a JSON schema the "
@@ -93,14 +108,19 @@ class _GenerationRequest(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def _sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        if self.n != 1:
-            raise ParamError(f"only n=1 is supported, got n={self.n}", "n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise ParamError(f"{name} is not supported", name)
-        if self.logit_bias:
-            raise ParamError("logit_bias is not supported", "logit_bias")
+    def _logit_bias(self) -> dict[int, float]:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise ParamError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+            if token < 0:
+                raise ParamError(f"logit_bias keys must be token ids (>= 0), got {key!r}", "logit_bias")
+            bias[token] = value
+        return bias
+
+    def _sampling_params(self, max_tokens: int, logprobs: int | None, best_of: int | None = None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options is only allowed with stream=true", "stream_options")
         return SamplingParams(
@@ -113,38 +133,51 @@ class _GenerationRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             guided=self.guided_spec(),
+            n=self.n,
+            best_of=best_of,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self._logit_bias(),
+            min_tokens=self.min_tokens or 0,
         )
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: (NonEmptyText | TokenIds | Annotated[list[NonEmptyText], Field(min_length=1)]
              | Annotated[list[TokenIds], Field(min_length=1)]) = Field(
-        description="one prompt: text or token ids; a list of prompts must hold exactly one (400 otherwise)")
+        description="text, token ids, or a list of either (one choice per prompt and sample: index = "
+                    "prompt_index * n + sample_index)")
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_INT32)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="not with echo")
     echo: bool = False
-    best_of: int | None = Field(default=None, ge=1, le=1, description="not supported: 1 or absent")
+    best_of: int | None = Field(default=None, ge=1, le=MAX_SAMPLES,
+                                description="samples generated per prompt (>= n); the n with the highest "
+                                            "cumulative logprob are returned; not with stream")
     suffix: str | None = Field(default=None, max_length=0, description="not supported")
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt: a string or token ids (a one-element batch is unwrapped)."""
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string or token ids."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ParamError(f"only one prompt per request is supported, got {len(prompt)}", "prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise ParamError("prompt is empty", "prompt")
-        return prompt
+        prompts = prompt if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) else [prompt]
+        samples = self.best_of or self.n
+        if len(prompts) * samples > MAX_CHOICES:
+            raise ParamError(f"at most {MAX_CHOICES} prompts x samples per request, got {len(prompts)} prompts x "
+                             f"{samples} ({'best_of' if self.best_of else 'n'})",
+                             "prompt" if samples == 1 else "best_of" if self.best_of else "n")
+        return prompts
 
     def sampling_params(self) -> SamplingParams:
-        if self.best_of not in (None, 1):
-            raise ParamError("best_of is not supported", "best_of")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ParamError(f"best_of must be >= n, got best_of={self.best_of}, n={self.n}", "best_of")
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise ParamError("best_of > n is not supported with stream=true", "best_of")
         if self.suffix:
             raise ParamError("suffix is not supported", "suffix")
         if self.echo and self.logprobs is not None:
             raise ParamError("echo with logprobs is not supported (no prompt logprobs)", "echo")
-        return self._sampling_params(16 if self.max_tokens is None else self.max_tokens, self.logprobs)
+        return self._sampling_params(16 if self.max_tokens is None else self.max_tokens, self.logprobs,
+                                     self.best_of if self.best_of is not None and self.best_of > self.n else None)
 
 
 class TextPart(BaseModel):

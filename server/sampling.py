@@ -9,6 +9,7 @@ if TYPE_CHECKING:
 
 MAX_SAMPLES = 128          # n / best_of per prompt
 MAX_LOGIT_BIAS = 300       # logit_bias entries (OpenAI's limit)
+MIN_REPETITION_PENALTY = 0.01     # logits are divided by it: a tinier one overflows float32 to inf
 
 # Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): logits / 1e-300 overflow float32 to inf, and
 # any distribution this sharp is argmax already.
@@ -65,8 +66,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ParamError(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise ParamError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}",
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2.0:
+            raise ParamError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 2], got "
+                             f"{self.repetition_penalty}",
                              "repetition_penalty")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise ParamError(f"logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}",

@@ -56,14 +56,14 @@ def test_unknown_model_is_404(client, openai_client):
     ({"temperature": 5}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"n": 2}, "n"),
+    ({"n": 129}, "n"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"logprobs": 50}, "logprobs"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": ["a"] * 129}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": [10 ** 6]}, "prompt"),                                   # token id outside the vocabulary
     ({"echo": True, "logprobs": 1}, "echo"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),     # only with stream=true
 ])
 def test_bad_parameter_is_400_with_param(client, fields, param):

@@ -57,6 +57,16 @@ def realistic(body: dict, draw, chat: bool) -> dict:
     constraints = [body.pop(field, None) for field in GUIDED_FIELDS]
     if any(c is not None for c in constraints):          # at most one constraint, a real one
         body.update(draw(st.sampled_from(GUIDED)))
+    if isinstance(body.get("prompt"), list) and len(body["prompt"]) > 3 and not isinstance(body["prompt"][0], int):
+        body["prompt"] = body["prompt"][:3]
+    for field in ("n", "best_of"):
+        if field in body:
+            body[field] = draw(st.integers(1, 3))
+    if "logit_bias" in body:
+        body["logit_bias"] = draw(st.dictionaries(st.integers(0, TINY_MODEL["vocab_size"] - 1).map(str),
+                                                  st.floats(-100, 100), max_size=3))
+    if "min_tokens" in body:
+        body["min_tokens"] = draw(st.integers(0, body.get("max_tokens") or 1))
     return body
 
 
