@@ -1,6 +1,8 @@
 """n, best_of, lists of prompts and streamed choices through HTTP with the openai client (issue #14)."""
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
 
@@ -126,3 +128,24 @@ def test_bad_values_are_400s(openai_client, kw, param):
             completion(openai_client, **kw)
     assert info.value.body["param"] == param, info.value.body
     assert completion(openai_client, prompt="still serving").choices[0].text is not None
+
+
+def test_disconnecting_a_streamed_n_request_frees_every_block(gated_server):
+    """A client leaving mid-stream aborts all its samples: every KV block comes back, long before the samples
+    could have finished on their own (400 steps of >= 50 ms)."""
+    engine = gated_server.engine
+    blocks = engine.scheduler.blocks
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "n": 3, "max_tokens": 400, "temperature": 1.0,
+            "stream": True, "ignore_eos": True}
+    engine.step_delay = 0.05
+    try:
+        with gated_server.client(headers={"Authorization": "Bearer sekret"}) as http:
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                assert next(response.iter_lines()).startswith("data: ")
+                assert blocks.num_used > 0 and len(engine.requests) == 3
+            deadline = time.monotonic() + 5
+            while (blocks.num_used or engine.requests) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        engine.step_delay = 0.0
+    assert blocks.num_used == 0 and set(blocks.ref_counts) == {0} and not engine.samples
