@@ -398,8 +398,11 @@ class LLMEngine:
     # ---- offline use -------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  adapters: list[str | None] | None = None) -> list[list[int]]:
-        """Run prompts to completion; returns each one's generated token ids (tests, benchmarks)."""
+        """Run prompts to completion; returns each one's generated token ids (tests, benchmarks). One sample per
+        prompt: drive add_request / step for n > 1."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if any(p.num_samples > 1 for p in params_list):
+            raise ValueError("generate() runs one sample per prompt (n=1, no best_of); use add_request and step")
         adapters = adapters or [None] * len(prompts)
         ids = [f"offline-{i}-{random.getrandbits(32)}" for i in range(len(prompts))]
         for rid, prompt, p, adapter in zip(ids, prompts, params_list, adapters):

@@ -22,7 +22,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
     Greedy rows take the argmax. Other rows: logits / temperature, then top-k, then top-p (nucleus),
     then one draw from the request's own generator, so a seeded request gives the same tokens whatever
-    else is in the batch. Reported logprobs are those of the model's unmodified distribution.
+    else is in the batch. Reported logprobs are those of `logprob_logits` (the engine passes the penalized
+    logits: after server/penalties.py, before grammar masks and temperature), for rows whose params want them.
     """
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]

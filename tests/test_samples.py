@@ -87,3 +87,10 @@ def test_best_of_reports_cumulative_logprobs(model_dir):
             if out.finished:
                 finals[out.index] = out.cumulative_logprob
     assert sorted(finals) == [0, 1, 2] and all(lp < 0 for lp in finals.values())
+
+
+def test_offline_generate_refuses_several_samples(model_dir):
+    engine = make_engine(model_dir)
+    with pytest.raises(ValueError, match="one sample per prompt"):
+        engine.generate([PROMPT], params(n=2))
+    assert not engine.requests
