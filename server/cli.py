@@ -83,6 +83,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     memory.add_argument("--max-host-adapter-memory", default="4GiB",
                         help="host-tier adapter budget; beyond it idle adapters go to the disk tier (re-read "
                              "from their path when next used); 0 = no host tier")
+    memory.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the KV blocks of earlier prompts for requests that start with the same tokens "
+                             "and use the same adapter (exact: only full blocks of identical tokens)")
     memory.add_argument("--max-num-seqs", type=_positive_int, default=64, help="sequences per step")
     server = serve.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -145,7 +148,8 @@ def parse_serve_options(argv: list[str] | None = None, environ: dict[str, str] |
                               kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                               max_model_len=args.max_model_len, max_waiting=args.max_waiting,
                               max_loras=args.max_loras, max_adapter_memory=args.max_adapter_memory,
-                              max_host_adapter_memory=args.max_host_adapter_memory)
+                              max_host_adapter_memory=args.max_host_adapter_memory,
+                              enable_prefix_caching=args.enable_prefix_caching)
     except ValueError as exc:
         parser.error(str(exc))
     return ServeOptions(engine, args.host, args.port, args.api_key, adapters, admin_api_key=args.admin_api_key,

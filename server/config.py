@@ -53,6 +53,7 @@ class EngineConfig:
     max_adapter_memory: str | int | float | None = None     # device-tier adapter bytes; None = slots only
     max_host_adapter_memory: str | int | float | None = "4GiB"   # host-tier adapter bytes; None = no limit
     device: str = "cpu"
+    enable_prefix_caching: bool = True      # reuse full KV blocks of earlier prompts (same tokens and adapter)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -67,13 +67,16 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.vocab_size = spec.vocab_size
-        self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, config.block_size),
+        self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, config.block_size,
+                                                config.enable_prefix_caching),
                                    config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, RequestState] = {}     # sequence key -> its state
         self.samples: dict[str, list[str]] = {}          # request id -> its samples' keys (n > 1)
         self.num_prefill_tokens = 0         # prompt tokens run through the model (recomputation included)
         self._aborted: list[RequestState] = []
         self.num_preemptions = 0
+        # model steps run, their seconds (schedule to outputs), the tokens and sequences in them
+        self.step_counts = {"num_steps": 0, "step_seconds": 0.0, "step_tokens": 0, "step_seqs": 0}
         self.runtimes = make_runtimes(self.runner.model)       # one per adapter family (adapters/catalog.py)
         self.runner.adapter_runtimes = self.runtimes
         self.prefixes = PrefixStore(self.runner, self.scheduler.blocks)     # adapters' virtual tokens
@@ -185,10 +188,18 @@ class LLMEngine:
             return outputs
         self.num_prefill_tokens += sum(_prompt_tokens_in(item) for item in batch.scheduled)
         masks = self.guided.start([item.seq.request_id for item in batch.scheduled if item.is_last_chunk])
+        start = time.perf_counter()
+        num_tokens, num_seqs = batch.num_tokens, len(batch.scheduled)
         sampled, logits, failed = self._forward(batch)
         states, logits = self._fork([self.requests[item.seq.request_id] for item in sampled], logits)
         samples = self._sample(logits, states, masks)
-        return outputs + [self._fail(s, exc) for s, exc in failed] + self._postprocess(batch, states, samples)
+        outputs += [self._fail(s, exc) for s, exc in failed] + self._postprocess(batch, states, samples)
+        counts = self.step_counts
+        counts["num_steps"] += 1
+        counts["step_seconds"] += time.perf_counter() - start
+        counts["step_tokens"] += num_tokens
+        counts["step_seqs"] += num_seqs
+        return outputs
 
     def _note_first_scheduled(self, batch: SchedulerOutput) -> None:
         now = time.monotonic()
@@ -285,8 +296,10 @@ class LLMEngine:
 
     def _postprocess(self, batch: SchedulerOutput, states: list[RequestState],
                      samples: list[tuple | Exception]) -> list[RequestOutput]:
+        blocks = self.scheduler.blocks
         for item in batch.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
+            blocks.cache_computed(item.seq)
         outputs = []
         for state, sampled in zip(states, samples):
             if isinstance(sampled, Exception):
@@ -385,6 +398,10 @@ class LLMEngine:
             "kv_blocks_total": blocks.num_blocks,
             "num_preemptions": self.num_preemptions,
             "num_prefill_tokens": self.num_prefill_tokens,
+            **self.step_counts,
+            "kv_blocks_cached_free": blocks.num_cached_free,
+            "prefix_cache_queries": blocks.cache.num_queried_tokens if blocks.cache is not None else 0,
+            "prefix_cache_hits": blocks.cache.num_hit_tokens if blocks.cache is not None else 0,
             "num_adapters": len(self.adapters.handles),
             "adapter_device_bytes": self.adapters.device_bytes,
             # vLLM's lora_requests_info: adapter names of running / waiting requests, first seen first

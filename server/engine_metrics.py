@@ -22,6 +22,16 @@ GAUGES = {
     "kv_blocks_used": ("peftserve_kv_blocks_used", "KV cache blocks in use"),
     "kv_blocks_total": ("peftserve_kv_blocks_total", "KV cache blocks in all"),
 }
+# stats key -> (counter name without _total, help): the engine's model steps
+STEP_COUNTERS = {
+    "num_steps": ("peftserve_engine_steps", "Model steps (forward + sampling) the engine ran"),
+    "step_seconds": ("peftserve_engine_step_seconds", "Seconds the engine spent in model steps"),
+    "step_tokens": ("peftserve_engine_step_tokens", "Tokens run in model steps (prefill chunks + decodes)"),
+    "step_seqs": ("peftserve_engine_step_sequences", "Sequences run in model steps, summed over steps"),
+    "prefix_cache_queries": ("peftserve_prefix_cache_queries", "Tokens of admitted requests looked up in the "
+                                                               "prefix cache"),
+    "prefix_cache_hits": ("peftserve_prefix_cache_hits", "Tokens of admitted requests found in the prefix cache"),
+}
 # stats["adapter_usage"] key -> (counter name without _total, help, labels)
 ADAPTER_COUNTERS = {
     "num_installs": ("peftserve_adapter_installs", "Adapter copies onto the device (host -> device)", {}),
@@ -57,6 +67,9 @@ class EngineCollector:
             yield CounterMetricFamily("peftserve_prefill_tokens", "Prompt tokens run through the model (once per "
                                       "prompt for its n samples; again after a preemption)",
                                       value=stats["num_prefill_tokens"])
+        for key, (name, doc) in STEP_COUNTERS.items():
+            if key in stats:
+                yield CounterMetricFamily(name, doc, value=stats[key])
         tiers = stats.get("adapter_tiers")
         if tiers:
             count = GaugeMetricFamily("peftserve_adapters", "Loaded adapters by tier", labels=["tier"])
@@ -90,6 +103,14 @@ class EngineCollector:
                                        labels=labels)
             family.add_metric([self.model_name], kv_usage(stats))
             yield family
+        for key, name, doc in (("prefix_cache_queries", "vllm:prefix_cache_queries", "Prefix cache queries, in "
+                                "terms of number of queried tokens."),
+                               ("prefix_cache_hits", "vllm:prefix_cache_hits", "Prefix cache hits, in terms of "
+                                "number of cached tokens.")):
+            if key in stats:
+                family = CounterMetricFamily(name, doc, labels=labels)
+                family.add_metric([self.model_name], stats[key])
+                yield family
         if "max_loras" in stats:
             family = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
                                        labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])

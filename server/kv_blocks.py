@@ -11,12 +11,18 @@ The `n` samples of one prompt share its blocks too (`fork`): one prefill, then e
 same blocks. A sample's next token going into a block someone else still references gets a private copy first
 (copy-on-write in `allocate`, at most one block: the prompt's last, partial one); the copies are queued as
 (source, destination) pairs that the runner performs before the step's forward (`take_copies`).
+
+With automatic prefix caching (server/prefix_cache.py), a sequence's full computed blocks are also entered in the
+cache; a later sequence with the same leading tokens and adapter starts with them (`attach_cached`: one reference
+each) instead of computing them. A cached block whose count drops to zero keeps its contents and counts as free;
+it is handed out again (its entry dropped), least recently released first, only when no other free block is left.
 """
 from __future__ import annotations
 
 from collections import deque
 from typing import Callable
 
+from server.prefix_cache import PrefixCache
 from server.sequence import Sequence
 from server.shared_prefix import SharedPrefix
 
@@ -26,7 +32,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -37,14 +43,20 @@ class BlockManager:
         # at each admission (set by the engine: after an eviction the adapter may come back with other blocks)
         self.prefix_of: Callable[[Sequence], SharedPrefix | None] = lambda seq: None
         self.copies: list[tuple[int, int]] = []      # copy-on-write (src, dst) blocks not yet copied
+        self.cache = PrefixCache(block_size) if prefix_caching else None
 
     @property
     def num_free(self) -> int:
-        return len(self.free_blocks)
+        """Blocks nobody references: never-cached ones, and cached ones that may be evicted."""
+        return len(self.free_blocks) + (len(self.cache.evictable) if self.cache is not None else 0)
+
+    @property
+    def num_cached_free(self) -> int:
+        return len(self.cache.evictable) if self.cache is not None else 0
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self.free_blocks)
+        return self.num_blocks - self.num_free
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """Extra free blocks `seq` needs so that its computed tokens plus `num_new_tokens` fit. A shared prefix
@@ -58,12 +70,33 @@ class BlockManager:
         return own
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self.free_blocks)
+        return num_blocks <= self.num_free
+
+    def attach_cached(self, seq: Sequence) -> int:
+        """Before admission: start `seq` (no blocks yet) with the cached blocks of its longest cached prefix, one
+        reference each, counting their tokens as computed. Returns those tokens (0 without prefix caching).
+        `free(seq)` undoes it (and resets nothing else: the caller sets num_computed_tokens back to 0)."""
+        if self.cache is None or seq.block_table or seq.num_computed_tokens:
+            return 0
+        blocks, chain = self.cache.lookup(seq)
+        for block in blocks:
+            if self.ref_counts[block] == 0:
+                del self.cache.evictable[block]
+            self.ref_counts[block] += 1
+        seq.block_table = list(blocks)
+        seq.cached_chain = list(chain)
+        seq.num_computed_tokens = len(blocks) * self.block_size
+        return seq.num_computed_tokens
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Enter `seq`'s blocks that its last step filled into the prefix cache (after the step's forward)."""
+        if self.cache is not None:
+            self.cache.register(seq, seq.block_table[seq.num_prefix_blocks:])
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         needed = self.blocks_needed(seq, num_new_tokens)
-        if needed > len(self.free_blocks):
-            raise RuntimeError(f"KV cache: need {needed} blocks, {len(self.free_blocks)} free")
+        if needed > self.num_free:
+            raise RuntimeError(f"KV cache: need {needed} blocks, {self.num_free} free")
         if not seq.block_table and seq.num_virtual_tokens:     # (re-)admission: attach the shared prefix
             prefix = self.prefix_of(seq)
             assert prefix is not None, "the adapter must be installed before its sequence is admitted"
@@ -93,6 +126,7 @@ class BlockManager:
             self.ref_counts[block] += 1
         child.block_table = list(parent.block_table)
         child.prefix = parent.prefix
+        child.cached_chain = list(parent.cached_chain)
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The copy-on-write (source, destination) block pairs queued since the last call, in order."""
@@ -107,7 +141,9 @@ class BlockManager:
         return None
 
     def _take_free(self) -> int:
-        block = self.free_blocks.popleft()
+        """A free block with one reference: a never-cached one if any, else the least recently released cached
+        one (its cache entry dropped)."""
+        block = self.free_blocks.popleft() if self.free_blocks else self.cache.evict()
         assert self.ref_counts[block] == 0
         self.ref_counts[block] = 1
         return block
@@ -118,17 +154,15 @@ class BlockManager:
         self._release(seq.block_table)
         seq.block_table = []
         seq.prefix = None
+        seq.cached_chain = []
 
     def allocate_prefix(self, num_tokens: int) -> SharedPrefix:
         """Blocks for `num_tokens` read-only virtual tokens, held (one reference) until `free_prefix`."""
         needed = cdiv(num_tokens, self.block_size)
-        if needed > len(self.free_blocks):
+        if needed > self.num_free:
             raise RuntimeError(f"KV cache: {num_tokens} virtual tokens need {needed} blocks, "
-                               f"{len(self.free_blocks)} free")
-        blocks = tuple(self.free_blocks.popleft() for _ in range(needed))
-        for block in blocks:
-            assert self.ref_counts[block] == 0
-            self.ref_counts[block] = 1
+                               f"{self.num_free} free")
+        blocks = tuple(self._take_free() for _ in range(needed))
         return SharedPrefix(blocks, num_tokens, self.block_size)
 
     def free_prefix(self, prefix: SharedPrefix) -> None:
@@ -139,4 +173,7 @@ class BlockManager:
             self.ref_counts[block] -= 1
             assert self.ref_counts[block] >= 0
             if self.ref_counts[block] == 0:
-                self.free_blocks.append(block)
+                if self.cache is not None and self.cache.is_cached(block):
+                    self.cache.evictable[block] = None       # most recently released last
+                else:
+                    self.free_blocks.append(block)

@@ -12,6 +12,8 @@ Policy (iteration-level continuous batching with chunked prefill):
    A head whose adapter is not on the device and cannot be put there now (its weights are still being read,
    or every slot holds an adapter a running sequence uses) is skipped this step, so it blocks nobody; a head
    that lacks KV blocks stops admission (so long prompts are not starved by short ones).
+With prefix caching, an admitted sequence starts with the cached blocks of its longest cached prefix (same
+tokens, same adapter) and only the rest of its tokens run (server/prefix_cache.py).
 Waiting requests never preempt running ones, so admission can't thrash; nothing is ever dropped.
 A waiting sequence that will fork into n samples once its prompt is computed (`num_forks` = n - 1) is admitted
 only with sequence slots for all n (or into an empty batch); its samples share its blocks (kv_blocks.fork).
@@ -121,12 +123,16 @@ class Scheduler:
                 break
             queue = self.queues[key]
             seq = queue[0]
+            hit = self.blocks.attach_cached(seq)    # cached leading blocks (prefix caching) count as computed
             num = min(seq.num_pending_tokens, budget)
             if not self.blocks.can_allocate(self.blocks.blocks_needed(seq, num)):
+                self._detach(seq)
                 break
             if self.running and len(self.running) + 1 + seq.num_forks > self.max_num_seqs:
+                self._detach(seq)
                 break
             if not self._make_resident(seq.adapter, busy):
+                self._detach(seq)
                 skipped.add(key)
                 continue
             queue.popleft()
@@ -137,6 +143,8 @@ class Scheduler:
                 busy.add(seq.adapter)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if self.blocks.cache is not None:
+                self.blocks.cache.count(seq.num_tokens, hit)
             self.blocks.allocate(seq, num)
             out.scheduled.append(ScheduledSeq(seq, num))
             budget -= num
@@ -149,6 +157,11 @@ class Scheduler:
         self.blocks.fork(parent, child)
         child.status = SequenceStatus.RUNNING
         self.running.append(child)
+
+    def _detach(self, seq: Sequence) -> None:
+        """Undo attach_cached for a sequence that stays waiting."""
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: drop its KV, keep its tokens, queue it first."""

@@ -55,6 +55,7 @@ class Sequence:
         self.num_virtual_tokens = num_virtual_tokens
         self.prefix: SharedPrefix | None = None     # while it holds blocks and has virtual tokens
         self.block_table: list[int] = []            # prefix.blocks (if any), then its own blocks
+        self.cached_chain: list[int] = []           # prefix-cache entry ids of its leading full own blocks
         self.num_preemptions = 0
         self.num_forks = 0      # more samples of this prompt (n > 1) to fork from it once its prompt is computed
 

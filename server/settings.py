@@ -86,6 +86,8 @@ def to_argv(action: argparse.Action, value, source: str) -> list[str]:
     flag = action.option_strings[0]
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return [flag] if _boolean(value, source) == isinstance(action, argparse._StoreTrueAction) else []
+    if isinstance(action, argparse.BooleanOptionalAction):             # --flag / --no-flag
+        return [flag] if _boolean(value, source) else [action.option_strings[1]]
     if isinstance(action, argparse._AppendAction):
         items = value if isinstance(value, list) else shlex.split(value) if isinstance(value, str) else [value]
     elif isinstance(value, (list, dict)):

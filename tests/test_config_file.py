@@ -140,6 +140,7 @@ def test_every_flag_has_an_env_form(tmp_path, model_dir):
         "max_adapter_memory": ("5MiB", lambda o: o.engine.max_adapter_bytes == 5 * 2**20),
         "max_host_adapter_memory": ("0", lambda o: o.engine.max_host_adapter_bytes == 0),
         "max_num_seqs": ("7", lambda o: o.engine.max_num_seqs == 7),
+        "enable_prefix_caching": ("false", lambda o: o.engine.enable_prefix_caching is False),
         "host": ("0.0.0.0", lambda o: o.host == "0.0.0.0"),
         "port": ("9", lambda o: o.port == 9),
         "max_waiting": ("11", lambda o: o.engine.max_waiting == 11),
