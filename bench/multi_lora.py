@@ -1,5 +1,6 @@
 """Multi-LoRA throughput: base only vs 1 / 8 / 64 distinct r=16 all-linear adapters in one batch, AdapterDrop,
-and HF PEFT's mixed-batch `generate` on the same adapters at the same batch size.
+and HF PEFT's mixed-batch `generate` on the same adapters at the same batch size (warmed up, interleaved with
+our cases in every round, median of --rounds).
 
     python -m bench.multi_lora [--requests 64] [--prompt-len 32] [--output-len 64] [--skip-peft]
 
@@ -41,7 +42,8 @@ def make_adapters(base_path, count: int, rank: int = 16) -> list[str]:
     return [str(p) for p in paths]
 
 
-def run_peft(base_path, adapter_paths, prompts, names, output_len):
+def load_peft(base_path, adapter_paths, names):
+    """One PeftModel with every adapter `names` uses, warmed up (one short mixed-batch generate)."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
     uniq = sorted(set(names))
@@ -52,6 +54,14 @@ def run_peft(base_path, adapter_paths, prompts, names, output_len):
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
+    with torch.inference_mode():
+        model.generate(input_ids=torch.tensor([[5] * 8] * len(uniq)), adapter_names=uniq, max_new_tokens=4,
+                       do_sample=False)
+    return model
+
+
+def run_peft(model, prompts, names, output_len):
+    """PEFT's mixed-batch `generate` on all requests in one batch; output tokens per second."""
     with torch.inference_mode(), Timer() as t:
         out = model.generate(input_ids=torch.tensor(prompts), adapter_names=names, max_new_tokens=output_len,
                              min_new_tokens=output_len, do_sample=False)
@@ -85,11 +95,19 @@ def main():
     cases = [("base only", [None] * n, 0, None)]
     cases += [(f"{d} adapter{'s' if d > 1 else ''}", names_by_n[d], d, None) for d in (1, 8, n)]
     cases += [(f"{n} adapters, AdapterDrop k={k}", names_by_n[n], n, k) for k in (2, 4, 6)]
-    # Rounds interleave the cases, so a slow spell of this shared machine hits all of them alike.
+    peft_model = None
+    if not args.skip_peft:
+        adapter_paths = {f"a{i:03d}": p for i, p in enumerate(paths)}
+        peft_model = load_peft(base, adapter_paths, names_by_n[n])
+    # Rounds interleave the cases (PEFT's too), so a slow spell of this shared machine hits all of them alike.
     samples: dict[str, list[float]] = {label: [] for label, *_ in cases}
+    peft_samples: dict[int, list[float]] = {8: [], n: []}
     for _ in range(args.rounds):
         for label, names, _, drop in cases:
             samples[label].append(run_requests(engine, prompts, names, args.output_len, drop))
+        if peft_model is not None:
+            for distinct in peft_samples:
+                peft_samples[distinct].append(run_peft(peft_model, prompts, names_by_n[distinct], args.output_len))
     rows = []
     for label, _, distinct, drop in cases:
         row = dict(case=label, tok_s=statistics.median(samples[label]), samples=samples[label], distinct=distinct,
@@ -98,11 +116,10 @@ def main():
         rows.append(row)
     base_tok_s = rows[0]["tok_s"]
     peft = {}
-    if not args.skip_peft:
-        adapter_paths = {f"a{i:03d}": p for i, p in enumerate(paths)}
-        for distinct in (8, n):
-            peft[distinct] = run_peft(base, adapter_paths, prompts, names_by_n[distinct], args.output_len)
-            emit(dict(case=f"peft {distinct} adapters", tok_s=peft[distinct]))
+    if peft_model is not None:
+        for distinct, values in peft_samples.items():
+            peft[distinct] = statistics.median(values)
+            emit(dict(case=f"peft {distinct} adapters", tok_s=peft[distinct], samples=values))
 
     print(f"\nmachine: {machine()}; {n} requests x {args.prompt_len} prompt + {args.output_len} greedy output "
           f"tokens, 160M random Llama fp32, r=16 adapters on all 7 linears; median of {args.rounds} interleaved "
