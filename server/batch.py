@@ -27,12 +27,15 @@ class AttnGroup:
     block_tables: [B, NB] long, physical KV blocks of each sequence (padded with block 0, masked); a sequence
                   with a shared prefix (server.kv_blocks.SharedPrefix) starts with the prefix's blocks
     masks:        {window: [B, 1, Q, NB * block_size] bool, True = attend}; window None = full causal
+    first_row:    set when token_index is exactly rows first_row .. first_row + B * Q - 1 in order (no padding,
+                  e.g. a decode-only step): the queries are a view of the flat rows, nothing gathered
     """
     token_index: torch.Tensor
     out_index: torch.Tensor
     valid: torch.Tensor | None
     block_tables: torch.Tensor
     masks: dict[int | None, torch.Tensor]
+    first_row: int | None = None
 
 
 @dataclass

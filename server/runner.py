@@ -105,12 +105,15 @@ class ModelRunner:
         masks = {None: causal}
         for window in set(self.spec.sliding_window) - {None}:
             masks[window] = causal & (kpos > qpos_t - window)
+        first = members[0].row
+        dense = all(valid) and out_index == list(range(first, first + len(out_index)))
         return AttnGroup(
             token_index=self._tensor(token_index),
             out_index=self._tensor(out_index),
             valid=None if all(valid) else torch.tensor(valid, device=self.device),
             block_tables=self._tensor(tables),
             masks=masks,
+            first_row=first if dense else None,
         )
 
     def _drop_prefixes(self, members: list[list[AttnMember]], groups: list[AttnGroup]) -> list[list] | None:

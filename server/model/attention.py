@@ -44,17 +44,25 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
-    out = q.new_empty(q.shape[0], q.shape[1] * head_dim)
+    num_tokens = q.shape[0]
+    out = None
     for g in groups:
         b, nq = g.token_index.shape
-        qg = q[g.token_index].transpose(1, 2)                              # [B, H, Q, D]
+        if g.first_row is not None:                                        # rows in order: a view, no gather
+            qg = q[g.first_row:g.first_row + b * nq].view(b, nq, *q.shape[1:]).transpose(1, 2)
+        else:
+            qg = q[g.token_index].transpose(1, 2)                          # [B, H, Q, D]
         kg = gather_blocks(k_cache, g.block_tables).transpose(1, 2)         # [B, KVH, K, D]
         vg = gather_blocks(v_cache, g.block_tables).transpose(1, 2)
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.masks[window], scale=scale,
                                             enable_gqa=True)                 # [B, H, Q, D]
         og = og.transpose(1, 2).reshape(b * nq, -1)
+        if g.first_row == 0 and b * nq == num_tokens:                      # one group holds every row
+            return og
         if g.valid is not None:
             og = og[g.valid]
+        if out is None:
+            out = q.new_empty(num_tokens, q.shape[1] * head_dim)
         out.index_copy_(0, g.out_index, og)
     return out
 

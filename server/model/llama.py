@@ -50,18 +50,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as HF: normalise in fp32, cast back, then scale.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # Same arithmetic as HF (normalise in fp32, cast back, then scale) in one ATen call: F.rms_norm computes
+        # x * rsqrt(mean(x^2) + eps) * weight in that order, bit for bit HF's in fp32; in bf16 / fp16 it would
+        # scale before casting back, so there the scale stays a separate step as in HF.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF (non-interleaved) RoPE. x: [T, heads, D]; cos, sin: [T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """HF (non-interleaved) RoPE. x: [T, heads, D]; cos, signed_sin: [T, 1, D] (LlamaModel.rope).
+
+    HF: x * cos + cat(-x2, x1) * sin. Here cat(x2, x1) is one `roll` and the sign sits in signed_sin =
+    cat(-sin1, sin2), built once per step: (-a) * b == a * (-b) exactly, so the result is HF's bit for bit."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -78,10 +80,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
         s = self.spec
         qkv = self.qkv_proj(x, meta)
-        q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
-        q = rotate(q.view(-1, s.num_heads, s.head_dim), cos, sin)
-        k = rotate(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
-        v = v.view(-1, s.num_kv_heads, s.head_dim)
+        # q and k are adjacent columns: rotate their heads in one go
+        qk = rotate(qkv[:, :s.q_size + s.kv_size].view(-1, s.num_heads + s.num_kv_heads, s.head_dim), cos, sin)
+        q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
+        v = qkv[:, s.q_size + s.kv_size:].view(-1, s.num_kv_heads, s.head_dim)
         o = paged_attention(q, k, v, kv.k[self.layer], kv.v[self.layer], meta.slot_mapping, meta.groups(self.layer),
                             self.window, self.scale)
         return self.o_proj(o, meta)
@@ -166,11 +168,14 @@ class LlamaModel(nn.Module):
         raise KeyError(f"no module {module!r} in layer {layer}")
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) of every token, [T, 1, D] each: computed once per step, used by every layer."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         scale = self.spec.rope_attention_scaling
         cos, sin = emb.cos() * scale, emb.sin() * scale
-        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)       # see rotate()
+        return cos.to(dtype)[:, None, :], signed_sin.to(dtype)[:, None, :]
 
     def embed(self, meta: BatchMeta) -> torch.Tensor:
         h = self.embed_tokens(meta.input_ids) if meta.inputs_embeds is None else meta.inputs_embeds.clone()
