@@ -5,7 +5,8 @@ Per (fused) linear, tables in adapters/token_vectors.py layout:
     inp          [1 + S, in_features]   input scales, for a linear of one HF module (down_proj, o_proj, lm_head)
     inp_slices   name -> [1 + S, in]    input scales of one slice of a fused linear (a feedforward module among
                                         q/k/v or gate/up): that slice's columns are recomputed from the scaled input
-PEFT's math: a feedforward module computes (x * l) @ W.T + b, any other (x @ W.T + b) * l.
+PEFT's math: a feedforward module computes (x * l) @ W.T + b, any other (x @ W.T + b) * l. AdapterHub's
+IA3Config (kind adapterhub_ia3, adapters/adapterhub_ia3.py) has output scales only.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.adapterhub_ia3 import IA3Adapter
-from adapters.config import IA3
+from adapters.config import ADAPTERHUB_IA3, IA3, detect_kind
 from adapters.interface import AdaptableModel, AdapterRuntime, LinearSite, StepLayout
 from adapters.token_vectors import SlotTable, VectorStepView, vector_step_view
 
@@ -47,7 +48,7 @@ class LinearIA3:
 
 class IA3Runtime(AdapterRuntime):
     name = "ia3"
-    kinds = (IA3,)
+    kinds = (IA3, ADAPTERHUB_IA3)
 
     def __init__(self, model: AdaptableModel):
         self.model = model
@@ -60,6 +61,10 @@ class IA3Runtime(AdapterRuntime):
         self.slots_in_use: set[int] = set()
 
     def load(self, path: str) -> IA3Adapter:
+        if detect_kind(path) == ADAPTERHUB_IA3:
+            from adapters.adapterhub_ia3 import load_adapterhub_ia3
+            widths = {name: linear.slices[name][1] for (layer, name), linear in self.sites.items() if layer == 0}
+            return load_adapterhub_ia3(path, widths, self.num_layers)
         from adapters.ia3 import load_ia3
         return load_ia3(path, self.model.spec, self.model.base_weight)
 
