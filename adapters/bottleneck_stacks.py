@@ -25,8 +25,12 @@ import torch.nn.functional as F
 import kernels
 from adapters.bottleneck import ACTIVATIONS, LN_EPS, BnMath, BnModule
 from kernels import SegmentMeta
+from kernels.sgmv_shrink import MAX_RANK
 
 BASE_COEF = (0.0, 0.0, 0.0, 0.0, 1.0, 1.0)
+# The Triton SGMV kernels take ranks <= 128; a bottleneck can be wider (ParBn's reduction_factor 2 on hidden 4096:
+# r = 2048), so on CUDA the rank is cut into chunks. The torch path takes any rank.
+MAX_KERNEL_RANK = {"cuda": MAX_RANK}
 
 
 class SublayerStacks:
@@ -153,15 +157,31 @@ def grouped_sublayer(o: torch.Tensor, r: torch.Tensor, group: TokenGroup, stacks
     x = coef[:, 0:1] * o + coef[:, 1:2] * r
     if stacks.ln_before:
         x = _layer_norm(x, stacks.lnb_w[idx], stacks.lnb_b[idx], group.slot_mask(set(stacks.ln_before)))
-    d = kernels.sgmv_shrink(x, stacks.down, group.seg) + stacks.down_b[idx]
+    d = _shrink(x, stacks.down, group.seg) + stacks.down_b[idx]
     if len(group.by_activation) == 1:
         d = ACTIVATIONS[next(iter(group.by_activation))](d)
     else:
         d = sum(torch.where(mask, ACTIVATIONS[name](d), 0.0) for name, mask in group.by_activation.items())
     if stacks.ln_after:
         u = stacks.up_b[idx] + coef[:, 2:3] * o + coef[:, 3:4] * r
-        kernels.sgmv_expand(d, stacks.up, group.seg, u)
+        _expand(d, stacks.up, group.seg, u)
         u = _layer_norm(u, stacks.lna_w[idx], stacks.lna_b[idx], group.slot_mask(set(stacks.ln_after)))
         return u + coef[:, 4:5] * o + coef[:, 5:6] * r
     h = coef[:, 4:5] * o + coef[:, 5:6] * r + stacks.up_b[idx]
-    return kernels.sgmv_expand(d, stacks.up, group.seg, h)
+    return _expand(d, stacks.up, group.seg, h)
+
+
+def _chunks(rank: int, device: torch.device) -> list[slice]:
+    step = MAX_KERNEL_RANK.get(device.type) or rank
+    return [slice(c, min(c + step, rank)) for c in range(0, rank, step)]
+
+
+def _shrink(x: torch.Tensor, down: torch.Tensor, seg: SegmentMeta) -> torch.Tensor:
+    parts = [kernels.sgmv_shrink(x, down[:, c], seg) for c in _chunks(down.shape[1], x.device)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _expand(d: torch.Tensor, up: torch.Tensor, seg: SegmentMeta, out: torch.Tensor) -> torch.Tensor:
+    for c in _chunks(up.shape[2], d.device):
+        kernels.sgmv_expand(d[:, c], up[:, :, c], seg, out)
+    return out

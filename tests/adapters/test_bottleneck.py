@@ -145,3 +145,18 @@ def test_cleared_slot_is_the_base_model():
     group = TokenGroup.build([0, 1], [2, 2], {2: "relu"}, torch.device("cpu"))
     o, r = torch.randn(2, HIDDEN), torch.randn(2, HIDDEN)
     assert torch.equal(grouped_sublayer(o, r, group, stacks), o + r)
+
+
+def test_ranks_wider_than_the_kernels_are_chunked(monkeypatch):
+    """On CUDA the Triton kernels take r <= 128: wider bottlenecks run in rank chunks. Forced on CPU (chunks of
+    3) the result is the same."""
+    import adapters.bottleneck_stacks as stacks_module
+    adapter = load_bottleneck(str(LLAMA / "par_bn"), HIDDEN, LAYERS)          # r = 32
+    stacks = SublayerStacks(HIDDEN, torch.float32, torch.device("cpu"))
+    stacks.set_slot(0, adapter.modules[(1, MLP)], adapter.math, 1)
+    group = TokenGroup.build([0, 1, 2], [0, 0, 0], {0: "relu"}, torch.device("cpu"))
+    o, r = torch.randn(3, HIDDEN), torch.randn(3, HIDDEN)
+    whole = grouped_sublayer(o, r, group, stacks)
+    monkeypatch.setitem(stacks_module.MAX_KERNEL_RANK, "cpu", 3)
+    assert len(stacks_module._chunks(32, torch.device("cpu"))) == 11
+    torch.testing.assert_close(grouped_sublayer(o, r, group, stacks), whole, atol=1e-6, rtol=1e-6)
