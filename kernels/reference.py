@@ -1,4 +1,4 @@
-"""Pure-torch SGMV: one matmul per segment in float32. Obviously right and slow: the test oracle.
+"""Pure-torch references (test oracles): SGMV (one matmul per segment in float32) and NF4 dequantize / linear.
 
 Same signatures as the public ops in `kernels/__init__.py`; see there for the semantics.
 """
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.nf4_format import NF4_CODE
 from kernels.segments import SegmentMeta
 from kernels.shapes import check_expand, check_shrink
 
@@ -30,3 +31,23 @@ def sgmv_expand(y: torch.Tensor, lora_b: torch.Tensor, seg: SegmentMeta, out: to
         rows = slice(start, start + n)
         out[rows, cols] = (out[rows, cols].float() + y[rows].float() @ lora_b[slot].float().T).to(out.dtype)
     return out
+
+
+def nf4_dequantize(w) -> torch.Tensor:
+    """NF4Weight (kernels/nf4_format.py) -> W [N, K] in w.dtype: NF4[nibble] * absmax[block] in float32, then cast.
+    Nibbles in packed byte i: value 2i is the high one, 2i+1 the low one."""
+    n = w.shape[0] * w.shape[1]
+    packed = w.packed.reshape(-1)
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n].long()
+    values = NF4_CODE.to(packed.device)[codes]
+    scale = w.block_absmax().repeat_interleave(w.blocksize)[:n]
+    return (values * scale).reshape(w.shape).to(w.dtype)
+
+
+def nf4_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequantize(w).T (+ bias): x [T, K], w an NF4Weight of shape [N, K] -> y [T, N] in x.dtype,
+    computed in float32."""
+    y = x.float() @ nf4_dequantize(w).float().T
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)
