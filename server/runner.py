@@ -10,16 +10,24 @@ from server.batch import AttnGroup, BatchMeta
 from server.config import EngineConfig
 from server.kv_blocks import cdiv
 from server.model.attention import KVCache
+from server.model.llama import Linear
 from server.model.loader import load_model, resolve_dtype
+from server.model.quantize import weight_bytes
 from server.scheduler import ScheduledSeq, SchedulerOutput
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig):
-        self.model, self.spec = load_model(config.model, config.dtype)
-        self.dtype = resolve_dtype(config.dtype, self.spec)
         self.device = torch.device(config.device)
+        self.model, self.spec = load_model(config.model, config.dtype, config.quantize, config.double_quant,
+                                           self.device)
+        self.dtype = resolve_dtype(config.dtype, self.spec)
         self.model.to(self.device)
+        quantized = [m.quantized for m in self.model.modules() if isinstance(m, Linear) and m.quantized is not None]
+        self.num_quantized = len(quantized)
+        self.double_quant = any(p.double_quant for q in quantized for p in q.parts)
+        self.weight_bytes = weight_bytes(self.model)
+        config.set_weight_bytes(self.weight_bytes)           # fractional budgets see what the base leaves
         self.block_size = config.block_size
         s = self.spec
         per_block = KVCache.bytes_per_block(s.num_layers, self.block_size, s.num_kv_heads, s.head_dim, self.dtype)

@@ -20,6 +20,8 @@ class Linear(nn.Module):
 
     Adapters act through this step's hooks (adapters/interface.py): `meta.hooks.linear_input` may replace the
     input of the matmul, `meta.hooks.linear` modify y in place for the tokens that carry them.
+    With a 4-bit base, `self.quantized` (kernels.nf4.NF4Linear) holds W and computes x @ W.T; `self.weight` is
+    then a zero-strided placeholder with W's shape, dtype and device (no memory), and `dense_weight()` dequantizes.
     """
 
     def __init__(self, in_features: int, slices: dict[str, int], bias: bool, layer: int):
@@ -32,15 +34,22 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(col, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(col), requires_grad=False) if bias else None
         self.layer = layer
+        self.quantized = None
 
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         hooks = meta.hooks
         for hook in hooks.linear_input:
             x = hook(x, meta, self)
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x, self.bias)
         for hook in hooks.linear:
             hook(x, y, meta, self)
         return y
+
+    def dense_weight(self, col: int, width: int) -> torch.Tensor:
+        """Rows [col, col + width) of W: a view, or a new dequantized tensor when 4-bit."""
+        if self.quantized is not None:
+            return self.quantized.dequantize(col, width)
+        return self.weight[col:col + width]
 
 
 class RMSNorm(nn.Module):
@@ -145,11 +154,12 @@ class LlamaModel(nn.Module):
         return [m for m in self.modules() if isinstance(m, Linear)]
 
     def base_weight(self, layer: int | None, module: str) -> torch.Tensor:
-        """The frozen weight [out, in] of HF module `module` (a view into our fused weights)."""
+        """The frozen weight [out, in] of HF module `module` (a view into our fused weights; a new dequantized
+        tensor for a 4-bit layer, as PEFT dequantizes a bitsandbytes layer for DoRA's column norm)."""
         if module == "embed_tokens":
             return self.embed_tokens.weight
         linear, col, width = self._site(layer, module)
-        return linear.weight[col:col + width]
+        return linear.dense_weight(col, width)
 
     def base_bias(self, layer: int | None, module: str) -> torch.Tensor | None:
         """The frozen bias [out] of HF module `module`, or None when the architecture gives it none."""

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig
 
 from server.model.llama import LlamaModel, Linear
+from server.model.quantize import QUANTIZE, PrequantizedWeights, check_quantization_config, quantize_model
 from server.model.spec import ModelSpec
 from server.model.weights import iter_weights
 
@@ -26,14 +27,24 @@ def resolve_dtype(name: str, spec: ModelSpec) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(model_dir: str, dtype: str = "auto") -> tuple[LlamaModel, ModelSpec]:
+def load_model(model_dir: str, dtype: str = "auto", quantize: str | None = None, double_quant: bool = False,
+               device: str | torch.device = "cpu") -> tuple[LlamaModel, ModelSpec]:
+    """The model in `dtype` (the compute dtype), its 4-bit layers already on `device` (the rest is moved by the
+    caller). quantize="nf4": quantize the decoder linears at load as transformers + bitsandbytes do
+    (`double_quant`: bnb_4bit_use_double_quant); a checkpoint saved pre-quantized by them loads as it is."""
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE} or None, got {quantize!r}")
     hf_config = AutoConfig.from_pretrained(model_dir)
     spec = ModelSpec.from_hf(hf_config)
     torch_dtype = resolve_dtype(dtype, spec)
+    prequantized = PrequantizedWeights() if check_quantization_config(
+        _as_dict(getattr(hf_config, "quantization_config", None)), model_dir) else None
     model = LlamaModel(spec)
     params = dict(model.named_parameters())
     unfilled = {name: p.numel() for name, p in params.items()}
     for name, tensor in iter_weights(model_dir):
+        if prequantized is not None and prequantized.take(name, tensor):
+            continue
         target, rows = _target(model, name)
         if target is None:
             continue                                  # e.g. rotary inv_freq buffers in old checkpoints
@@ -43,13 +54,24 @@ def load_model(model_dir: str, dtype: str = "auto") -> tuple[LlamaModel, ModelSp
             raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(view.shape)}")
         view.copy_(tensor)
         unfilled[target] -= tensor.numel()
+    if prequantized is not None:
+        for name in prequantized.install(model, lambda key: _target(model, key), torch_dtype, device):
+            unfilled[name] = 0
     missing = [n for n, left in unfilled.items() if left]
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks weights for: {', '.join(missing[:8])}")
     model.to(torch_dtype)
     model.inv_freq = model.inv_freq.float()
+    if quantize is not None and prequantized is None:
+        quantize_model(model, double_quant, device)
     model.eval()
     return model, spec
+
+
+def _as_dict(qcfg) -> dict | None:
+    if qcfg is None or isinstance(qcfg, dict):
+        return qcfg
+    return qcfg.to_dict()
 
 
 def _target(model: LlamaModel, name: str) -> tuple[str | None, tuple[int, int] | None]:
