@@ -23,10 +23,11 @@ from server.sampling import SamplingParams
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapters(base_path, count: int, rank: int = 16) -> list[str]:
+def make_adapters(base_path, count: int, rank: int = 16, cache_key: str = "llama-160m") -> list[str]:
+    """`count` adapters for the base at `base_path` (cached under its `cache_key`)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
-    root = CACHE / f"lora-r{rank}"
+    root = CACHE / (f"lora-r{rank}" if cache_key == "llama-160m" else f"lora-r{rank}-{cache_key}")
     paths = [root / f"a{i:03d}" for i in range(count)]
     missing = [p for p in paths if not (p / "adapter_model.safetensors").exists()]
     if missing:
