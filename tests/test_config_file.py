@@ -129,6 +129,9 @@ def test_every_flag_has_an_env_form(tmp_path, model_dir):
         "model": (model_dir, lambda o: o.engine.model == model_dir),
         "served_model_name": ("m", lambda o: o.engine.served_model_name == "m"),
         "dtype": ("bfloat16", lambda o: o.engine.dtype == "bfloat16"),
+        "quantize": ("nf4", lambda o: o.engine.quantize == "nf4" and not o.engine.double_quant),
+        "double_quant": ({"PEFTSERVE_QUANTIZE": "nf4", "PEFTSERVE_DOUBLE_QUANT": "yes"},   # with quantize
+                         lambda o: o.engine.quantize == "nf4" and o.engine.double_quant),
         "max_model_len": ("99", lambda o: o.engine.max_model_len == 99),
         "no_demo_adapters": ("yes", lambda o: not o.demo_adapters),
         "adapter": ("x=/p", lambda o: o.adapters == {"x": ("/p", 0)}),
@@ -154,6 +157,7 @@ def test_every_flag_has_an_env_form(tmp_path, model_dir):
     from server.settings import env_name, options_of
     assert sorted(options_of(serve)) == sorted(cases)
     for dest, (value, check) in cases.items():
-        environ = {env_name(dest): value} if value is not None else {"PEFTSERVE_ADAPTER": "x=/p", "PEFTSERVE_PIN": "x"}
+        environ = ({env_name(dest): value} if isinstance(value, str) else value if value is not None
+                   else {"PEFTSERVE_ADAPTER": "x=/p", "PEFTSERVE_PIN": "x"})
         options = parse([] if dest in ("model", "merge") else ["--model", model_dir], environ)
         assert check(options), dest

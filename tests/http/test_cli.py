@@ -5,6 +5,7 @@ import sys
 
 import httpx
 import pytest
+from safetensors.torch import load_file
 
 from server.cli import main, parse_serve_options
 from tests.http.conftest import ServerThread
@@ -72,6 +73,8 @@ def test_all_flags(demo_dir):
     (["serve", "--port", "http"], "--port"),
     (["serve", "--port", "70000"], "port must be <= 65535"),
     (["serve", "--dtype", "int8"], "invalid choice: 'int8'"),
+    (["serve", "--quantize", "int4"], "invalid choice: 'int4'"),
+    (["serve", "--double-quant"], "double_quant needs quantize='nf4'"),
     (["serve", "--max-num-seqs", "0"], "positive integer"),
     (["serve", "--kv-cache-memory", "lots"], "cannot parse memory size 'lots'"),
     (["serve", "--adapter", "no-path"], "expected NAME=PATH"),
@@ -129,9 +132,18 @@ def test_one_startup_line(demo_dir, captured_uvicorn, caplog):
             "tiny", "--max-adapter-memory", "64MiB", "--max-host-adapter-memory", "0", "--max-loras", "4"]
     assert main(argv) == 0
     [line] = [r.getMessage() for r in caplog.records if r.name == "peftserve" and r.levelname == "INFO"]
+    weights = sum(t.numel() * 4 for t in load_file(os.path.join(demo_dir, "model.safetensors")).values())
     assert line == (f"serving http://127.0.0.1:8124/v1 | model 'tiny' ({demo_dir}), dtype float32, quantization "
-                    f"none, max_model_len 512 | adapters: none | budgets: KV cache 1MiB (128 blocks), device "
-                    f"adapters 4 slots / 64MiB, host adapters none, 64 seqs/step, 1024 waiting")
+                    f"none, weights {weights / 2**10:.4g}KiB, max_model_len 512 | adapters: none | budgets: KV cache "
+                    f"1MiB (128 blocks), device adapters 4 slots / 64MiB, host adapters none, 64 seqs/step, "
+                    f"1024 waiting")
+
+
+def test_startup_line_of_a_4bit_base(demo_dir, captured_uvicorn, caplog):
+    caplog.set_level("INFO", logger="peftserve")
+    assert main(["serve", "--model", demo_dir, "--kv-cache-memory", "1MiB", "--quantize", "nf4"]) == 0
+    [line] = [r.getMessage() for r in caplog.records if r.name == "peftserve" and r.levelname == "INFO"]
+    assert ", quantization nf4 (8 linear layers 4-bit, the rest in the dtype), weights " in line
 
 
 def test_main_reports_engine_errors_without_traceback(demo_dir, captured_uvicorn, caplog):
