@@ -91,39 +91,39 @@ def dequantize(op: NF4Linear, scratch: DequantScratch | None) -> torch.Tensor:
     new = lambda name, numel, dtype: (torch.empty(numel, dtype=dtype, device=device) if scratch is None  # noqa: E731
                                       else scratch.get(name, numel, dtype, device))
     flat = new("fp32", n * k + 2, torch.float32)        # +2: an odd part's last pair spills one value
+    out = flat if op.dtype == torch.float32 else new("out", n * k, op.dtype)
     index = new("index", max(p.packed.numel() for p in op.parts), torch.int32)
     pairs, at = _PAIRS.to(device), 0
     for part in op.parts:
         numel = part.shape[0] * part.shape[1]
         if at % 2:
-            flat[at:at + numel] = _dequantize_part_slow(part)
+            flat[at:at + numel] = _codes_slow(part)
         else:
             m = part.packed.numel()
             idx = index[:m]
             idx.copy_(part.packed.view(-1))
             torch.index_select(pairs, 0, idx, out=flat[at:at + 2 * m].view(torch.int64))
-            _scale(flat[at:at + numel], part)
+        _scale(flat[at:at + numel], part, out[at:at + numel])
         at += numel
-    out = flat[:n * k].view(n, k)
-    if op.dtype == torch.float32:
-        return out if scratch is not None else out.clone()
-    return new("out", n * k, op.dtype).view(n, k).copy_(out)
+    return out[:n * k].view(n, k)
 
 
-def _scale(values: torch.Tensor, part: NF4Weight) -> None:
-    """values [numel] float32 codes, multiplied in place by their block's absmax (float32, as bitsandbytes)."""
+def _scale(values: torch.Tensor, part: NF4Weight, out: torch.Tensor) -> None:
+    """out = values * absmax of their block: float32 products (as bitsandbytes), stored in out's dtype (rounded
+    to nearest even); values [numel] float32 codes, out may be values itself."""
     absmax = part.block_absmax()
     bs = part.blocksize
     full = values.numel() - values.numel() % bs
-    values[:full].view(-1, bs).mul_(absmax[:full // bs].view(-1, 1))
+    torch.mul(values[:full].view(-1, bs), absmax[:full // bs].view(-1, 1), out=out[:full].view(-1, bs))
     if full < values.numel():
-        values[full:].mul_(absmax[-1])
+        torch.mul(values[full:], absmax[-1], out=out[full:])
 
 
-def _dequantize_part_slow(part: NF4Weight) -> torch.Tensor:
-    from kernels.reference import nf4_dequantize
-    return nf4_dequantize(NF4Weight(part.packed, part.absmax, part.shape, torch.float32, part.nested_absmax,
-                                    part.offset, part.blocksize)).reshape(-1)
+def _codes_slow(part: NF4Weight) -> torch.Tensor:
+    """[numel] float32 NF4 codes of a part (unscaled), for a part starting at an odd offset of the buffer."""
+    packed = part.packed.reshape(-1)
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:part.shape[0] * part.shape[1]]
+    return NF4_CODE.to(packed.device)[nibbles.long()]
 
 
 # --- CUDA: fused dequantize-matmul ------------------------------------------------------------------------------

@@ -103,11 +103,11 @@ def test_from_state_dict_rejects_what_it_cannot_serve():
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_linear_equals_reference(dtype, double_quant):
-    """A fused layer of three parts (odd sizes: a part starting mid-pair), bias, a shared scratch reused by two
+    """Fused layers of several parts (K=5: the second part starts mid-byte), bias, a shared scratch reused by
     layers of different shapes."""
     g = torch.Generator().manual_seed(SEED)
     scratch = DequantScratch()
-    for k, rows in ((96, (33, 64, 7)), (64, (128,))):
+    for k, rows in ((96, (33, 64, 7)), (64, (128,)), (5, (3, 4))):
         parts = [quantize_nf4(torch.randn(n, k, generator=g).to(dtype), double_quant) for n in rows]
         op = NF4Linear(parts, scratch)
         x = torch.randn(9, k, generator=g).to(dtype)
