@@ -66,7 +66,7 @@ def run_ours(args, case: str) -> dict:
     path = model_path(args.model)
     adapters = make_adapters(path, NUM_ADAPTERS, cache_key=args.model)
     engine = LLMEngine(EngineConfig(model=path, max_num_seqs=args.requests, max_num_batched_tokens=4096,
-                                    kv_cache_memory="1GiB", **OURS[case]))
+                                    kv_cache_memory="256MiB", **OURS[case]))
     names = [f"a{i}" for i in range(NUM_ADAPTERS)]
     for name, adapter in zip(names, adapters):
         engine.adapters.load(name, adapter)
