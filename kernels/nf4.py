@@ -7,10 +7,10 @@ Backends, picked by the input's device:
 - CUDA: a Triton kernel that dequantizes tiles of W in registers and feeds them to `tl.dot` (nothing of W is
   ever materialised at full precision), one launch per part writing its columns of y.
 - CPU: each part is dequantized just in time into one scratch buffer shared by every layer of the model
-  (`DequantScratch`), then one `F.linear`: the buffer stays hot in cache-sized pieces and no layer keeps a
-  full-precision copy. Dequantizing is a 256-entry table lookup per byte (two float32 values at once, as one
-  int64) and one in-place multiply by the block scales: ~1 ns per weight on this 2-core AVX-512 machine, next to
-  ~3 ns per weight for the fp32 matmul of 32 tokens (bench/nf4.py has the end-to-end numbers).
+  (`DequantScratch`), then one `F.linear`: no layer keeps a full-precision copy. Dequantizing is a 256-entry
+  table lookup per byte (two float32 values at once, as one int64) and one multiply by the block scales that
+  also rounds to the compute dtype: three passes over the layer, a cost per step that batching amortises
+  (bench/nf4.py measures it end to end).
 Both compute exactly what bitsandbytes does: float32 code * absmax, rounded to the compute dtype, then the matmul.
 kernels/reference.py (`nf4_dequantize`, `nf4_linear`) is the oracle.
 """
