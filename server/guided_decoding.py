@@ -2,9 +2,10 @@
 
 Each constrained request has an llguidance LLMatcher that advances with every accepted token. In a step,
 `start` hands the masks of the requests to be sampled to a worker thread while the model's forward runs (both
-release the GIL in native code: llguidance computes the masks of the whole batch in one call); `apply` joins it and returns the logits with the disallowed tokens of those rows
-at -inf, to sample from, greedy or not (reported logprobs stay those of the model's own logits). A stop token is allowed only where the grammar may end; a request whose grammar has
-accepted one (or can take no more tokens) is done. Unconstrained rows are never touched.
+release the GIL in native code; llguidance computes the whole batch's masks in one call); `apply` joins it and
+returns the logits with those rows' disallowed tokens at -inf, to sample from, greedy or not (reported logprobs
+stay those of the unmasked logits). A stop token is allowed only where the grammar may end; a request whose
+grammar has accepted one, or can take no more tokens, is done. Unconstrained rows are never touched.
 """
 from __future__ import annotations
 
