@@ -203,3 +203,25 @@ def test_metrics_count_every_mixture_under_one_label(mix_server):
         text = http.get("/metrics").text
         assert metric_value(text, "peftserve_adapter_requests_total", 'adapter="merged_adapters"') == before + 2
         assert "mixture-" not in text
+
+
+def test_lorax_generate_takes_parameters_merged_adapters(mix_server):
+    """LoRAX's POST /generate: parameters.merged_adapters gives what /v1/completions gives for the recipe, from the
+    same registry entry; a bad recipe is a 400 in LoRAX's error shape."""
+    text = "def add(a, b):"
+    with mix_server.client() as http:
+        openai = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": text, "max_tokens": MAX_TOKENS,
+                                                    "temperature": 0, "merged_adapters": TIES})
+        assert openai.status_code == 200, openai.text
+        computed = mix_server.mixtures.num_computed
+        lorax = http.post("/generate", json={"inputs": text, "parameters": {"max_new_tokens": MAX_TOKENS,
+                                                                            "merged_adapters": TIES}})
+        assert lorax.status_code == 200, lorax.text
+        assert lorax.json()["generated_text"] == openai.json()["choices"][0]["text"]
+        assert mix_server.mixtures.num_computed == computed
+        base = http.post("/generate", json={"inputs": text, "parameters": {"max_new_tokens": MAX_TOKENS}})
+        assert base.json()["generated_text"] != lorax.json()["generated_text"]
+        bad = http.post("/generate", json={"inputs": text, "parameters": {
+            "merged_adapters": {"ids": ["qv", "qo"], "merge_strategy": "ties"}}})
+        assert bad.status_code == 400 and "density is required" in bad.json()["error"], bad.text
+        assert_serving(http)
