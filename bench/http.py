@@ -30,7 +30,6 @@ import json
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -120,20 +119,25 @@ def start_server(base: str, name: str, dirs: dict[str, str], args, extra: list[s
         cmd += ["--adapter", f"{adapter}={path}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
+    return wait_healthy(child, port, 600, "server"), port
+
+
+def wait_healthy(child: subprocess.Popen, port: int, timeout: float, what: str) -> subprocess.Popen:
+    """Poll GET /health until it answers 200; kill the child and raise if it exits or `timeout` passes."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if child.poll() is not None:
-            raise RuntimeError(f"server exited with {child.returncode}")
+            raise RuntimeError(f"{what} exited with {child.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
                 if b" 200 " in s.recv(200):
-                    return child, port
+                    return child
         except OSError:
             pass
         time.sleep(0.5)
     child.kill()
-    raise RuntimeError("server did not start")
+    raise RuntimeError(f"{what} did not start")
 
 
 def stop_server(child: subprocess.Popen) -> None:

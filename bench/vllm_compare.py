@@ -18,7 +18,6 @@ import asyncio
 import os
 import statistics
 import subprocess
-import time
 from pathlib import Path
 
 from bench import http
@@ -39,21 +38,7 @@ def start_vllm(python: str, base: str, name: str, lora_dirs: dict[str, str], arg
     env.pop("PYTHONPATH", None)
     child = subprocess.Popen(cmd, cwd="/tmp", env=env, stdout=subprocess.DEVNULL,
                              stderr=open("/tmp/vllm_compare_server.log", "w"))
-    deadline = time.monotonic() + 900
-    import socket
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            raise RuntimeError(f"vLLM exited with {child.returncode} (see /tmp/vllm_compare_server.log)")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-                if b" 200 " in s.recv(200):
-                    return child, port
-        except OSError:
-            pass
-        time.sleep(1)
-    child.kill()
-    raise RuntimeError("vLLM did not start")
+    return http.wait_healthy(child, port, 900, "vLLM (see /tmp/vllm_compare_server.log)"), port
 
 
 def measure(port: int, model: str, case: str, prompts, warm, output_len: int, concurrency: int) -> dict:
