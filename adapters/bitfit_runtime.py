@@ -10,7 +10,7 @@ import torch
 
 from adapters.bitfit import BitFitAdapter
 from adapters.config import BITFIT
-from adapters.interface import AdaptableModel, AdapterRuntime, LinearSite, StepLayout
+from adapters.interface import AdaptableModel, AdapterRuntime, LinearSite, StepLayout, linear_sites
 from adapters.token_vectors import SlotTable, VectorStepView, vector_step_view
 
 
@@ -21,10 +21,7 @@ class BitFitRuntime(AdapterRuntime):
     def __init__(self, model: AdaptableModel):
         self.model = model
         self.num_layers = model.spec.num_layers
-        self.sites: dict[tuple[int, str], LinearSite] = {}        # (layer, HF module) -> its (fused) linear
-        for linear in model.linears():
-            for name in linear.slices:
-                self.sites[(linear.layer, name)] = linear
+        self.sites = linear_sites(model)                          # (layer, HF module) -> its (fused) linear
         self.tables: dict[LinearSite, SlotTable] = {}
         self.slots_in_use: set[int] = set()
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from adapters.adapterhub_ia3 import IA3Adapter
 from adapters.config import ADAPTERHUB_IA3, IA3, detect_kind
-from adapters.interface import AdaptableModel, AdapterRuntime, LinearSite, StepLayout
+from adapters.interface import AdaptableModel, AdapterRuntime, LinearSite, StepLayout, linear_sites
 from adapters.token_vectors import SlotTable, VectorStepView, vector_step_view
 
 
@@ -53,10 +53,7 @@ class IA3Runtime(AdapterRuntime):
     def __init__(self, model: AdaptableModel):
         self.model = model
         self.num_layers = model.spec.num_layers
-        self.sites: dict[tuple[int, str], LinearSite] = {}        # (layer, HF module) -> its (fused) linear
-        for linear in model.linears():
-            for name in linear.slices:
-                self.sites[(linear.layer, name)] = linear
+        self.sites = linear_sites(model)                          # (layer, HF module) -> its (fused) linear
         self.by_linear: dict[LinearSite, LinearIA3] = {}
         self.slots_in_use: set[int] = set()
 

@@ -48,6 +48,11 @@ class AdaptableModel(Protocol):
     def base_bias(self, layer: int | None, module: str) -> torch.Tensor | None: ...
 
 
+def linear_sites(model: AdaptableModel) -> dict[tuple[int, str], LinearSite]:
+    """(layer, HF module name) -> the (possibly fused) linear computing it."""
+    return {(linear.layer, name): linear for linear in model.linears() for name in linear.slices}
+
+
 # ---- the step, as adapters see it ------------------------------------------------------------------------------
 @dataclass
 class StepItem:
