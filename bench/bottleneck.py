@@ -49,8 +49,8 @@ def main():
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS,
-                    help="kinds loaded into the engine (stacks of one sub-layer position are padded to the largest "
-                         "rank loaded there, so parallel's r 512 beside r 64 adapters costs every one of them r 512)")
+                    help="kinds loaded into the engine (stacks are bucketed by rank class, adapters/bottleneck_stacks.py: "
+                         "with parallel's r 512 loaded the r 64 adapters should still cost r 64)")
     args = ap.parse_args()
     kinds = args.kinds
     n = args.requests
