@@ -3,66 +3,21 @@ AdapterHub reference), and a narrow adapter's rows never go through the wide ada
 op hands the SGMV kernels, recorded at the `kernels` seam)."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 import kernels
 from adapters import bottleneck_stacks
-from adapters.bottleneck import MLP, BnMath, BnModule, BottleneckAdapter, reference_sublayer
-from adapters.bottleneck_stacks import SublayerStacks, TokenGroup, grouped_sublayer, rank_class
-
-HIDDEN, LAYER = 64, 0
-CPU = torch.device("cpu")
-
-
-def module(rank: int, g: torch.Generator, ln_before=False, ln_after=False) -> BnModule:
-    def norm():
-        return 1 + 0.1 * torch.randn(HIDDEN, generator=g), 0.1 * torch.randn(HIDDEN, generator=g)
-    return BnModule(torch.randn(rank, HIDDEN, generator=g) / HIDDEN ** 0.5, 0.1 * torch.randn(rank, generator=g),
-                    torch.randn(HIDDEN, rank, generator=g) / rank ** 0.5, 0.1 * torch.randn(HIDDEN, generator=g),
-                    norm() if ln_before else None, norm() if ln_after else None)
-
-
-def make_adapters() -> list[BottleneckAdapter]:
-    """Slot -> adapter: ranks 200, 3, 40, (none at this position), 16, 130: rank classes 256, 16, 64, -, 16, 256."""
-    g = torch.Generator().manual_seed(0)
-    specs = [
-        (BnMath(is_parallel=True, non_linearity="swish"), module(200, g)),
-        (BnMath(), module(3, g)),
-        (BnMath(ln_before=True, non_linearity="sigmoid"), module(40, g, ln_before=True)),
-        (BnMath(), None),
-        (BnMath(ln_after=True, adapter_residual_before_ln=True, non_linearity="tanh"), module(16, g, ln_after=True)),
-        (BnMath(original_ln_before=False, residual_before_ln=False, non_linearity="gelu"), module(130, g)),
-    ]
-    return [BottleneckAdapter(f"/x/{i}", f"a{i}", math, {(LAYER, MLP): m} if m is not None else {})
-            for i, (math, m) in enumerate(specs)]
-
-
-def stacks_of(adapters: dict[int, BottleneckAdapter]) -> SublayerStacks:
-    stacks = SublayerStacks(HIDDEN, torch.float32, CPU)
-    for slot, a in adapters.items():
-        stacks.set_slot(slot, a.modules.get((LAYER, MLP)), a.math, max(adapters) + 1)
-    return stacks
-
-
-def run(stacks: SublayerStacks, token_slots: list[int], adapters, o, r) -> torch.Tensor:
-    acts = {s: adapters[s].math.non_linearity for s in set(token_slots)}
-    group = TokenGroup.build(list(range(len(token_slots))), token_slots, acts, CPU)
-    return grouped_sublayer(o, r, group, stacks)
+from adapters.bottleneck import MLP, BnMath, BottleneckAdapter, reference_sublayer
+from adapters.bottleneck_stacks import rank_class
+from tests.adapters.bottleneck_cases import HIDDEN, LAYER, make_adapters, mixed_case, module, run, stacks_of
 
 
 @pytest.mark.parametrize("kernel_rank", [None, 128, 7])     # torch path whole; chunked as on CUDA; odd chunks
 def test_mixed_ranks_equal_each_adapter_alone(monkeypatch, kernel_rank):
     if kernel_rank:
         monkeypatch.setitem(bottleneck_stacks.MAX_KERNEL_RANK, "cpu", kernel_rank)
-    adapters = make_adapters()
-    rng = random.Random(0)
-    token_slots = [s for _ in range(3) for s in rng.sample(range(len(adapters)), len(adapters))
-                   for _ in range(rng.randint(1, 3))]
-    g = torch.Generator().manual_seed(1)
-    o, r = torch.randn(len(token_slots), HIDDEN, generator=g), torch.randn(len(token_slots), HIDDEN, generator=g)
+    adapters, token_slots, o, r = mixed_case(torch.float32)
     stacks = stacks_of(dict(enumerate(adapters)))
     assert sorted(stacks.buckets) == [16, 64, 256] and stacks.buckets[16].down.shape == (2, 16, HIDDEN)
     mixed = run(stacks, token_slots, adapters, o, r)

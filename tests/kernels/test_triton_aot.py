@@ -14,8 +14,11 @@ from kernels.sgmv_shrink import _sgmv_shrink_kernel, shrink_config
 
 TARGETS = {80: 166912, 90: 232448}  # compute capability → max shared memory per block in bytes (A100, H100)
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# (max_len, num_segments, hidden, rank): decode of 64 one-token segments at r=16; prefill of 4 x 512 at r=128
-SHAPES = {"decode": (1, 64, 4096, 16), "prefill": (512, 4, 4096, 128)}
+# (max_len, num_segments, hidden, rank): decode of 64 one-token segments at r=16; prefill of 4 x 512 at r=128;
+# the bottleneck op (adapters/bottleneck_stacks.py): decode of 8 adapters in a 128-wide rank chunk of a wide
+# bucket (ParBn r 512), and in a 64-wide bucket on hidden 1024 (Pfeiffer r 64 of bench/bottleneck.py)
+SHAPES = {"decode": (1, 64, 4096, 16), "prefill": (512, 4, 4096, 128), "bn_decode_chunk": (1, 8, 4096, 128),
+          "bn_decode_r64": (1, 8, 1024, 64)}
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION"),
