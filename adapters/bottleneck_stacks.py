@@ -218,11 +218,12 @@ class _BucketRows:
 
 def _activation_masks(token_slots: list[int | None], activation_of: dict[int, str],
                       device: torch.device) -> dict[str, torch.Tensor | None]:
-    """activation -> [n, 1] bool rows using it, or {name: None} when all rows (slot None: any) share one."""
+    """activation -> [n, 1] bool rows using it, or {name: None} when all rows share one (a row whose slot is
+    None, in no segment, may take any)."""
     acts = [activation_of[s] if s is not None else None for s in token_slots]
     names = sorted({a for a in acts if a is not None})
-    if len(names) <= 1:
-        return {names[0] if names else "linear": None}
+    if len(names) == 1:
+        return {names[0]: None}
     return {a: torch.tensor([x == a for x in acts], device=device)[:, None] for a in names}
 
 
