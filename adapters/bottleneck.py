@@ -184,15 +184,17 @@ def parse_math(config: dict, source: str = CONFIG_NAME) -> BnMath:
 _KEY = re.compile(r"^model\.layers\.(\d+)\.(attention_adapters|output_adapters)\.adapters\.([^.]+)\.(.+)$")
 
 
-def read_adapterhub_weights(adapter_dir: str) -> tuple[dict[str, torch.Tensor], str]:
+def read_adapterhub_weights(adapter_dir: str, safetensors_name: str = SAFETENSORS_NAME,
+                            pickle_name: str = PICKLE_NAME) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors of an AdapterHub adapter directory and the file they came from: `adapter.safetensors`, else
-    `pytorch_adapter.bin` through torch.load(weights_only=True) (no code runs); every tensor a finite float."""
-    st = os.path.join(adapter_dir, SAFETENSORS_NAME)
+    `pytorch_adapter.bin` through torch.load(weights_only=True) (no code runs); every tensor a finite float.
+    (AdapterFusion directories name them model_adapter_fusion.safetensors / pytorch_model_adapter_fusion.bin.)"""
+    st = os.path.join(adapter_dir, safetensors_name)
     if os.path.isfile(st):
-        return read_safetensors(adapter_dir, SAFETENSORS_NAME), st
-    pt = os.path.join(adapter_dir, PICKLE_NAME)
+        return read_safetensors(adapter_dir, safetensors_name), st
+    pt = os.path.join(adapter_dir, pickle_name)
     if not os.path.isfile(pt):
-        raise AdapterError(f"{adapter_dir}: no {SAFETENSORS_NAME} or {PICKLE_NAME}")
+        raise AdapterError(f"{adapter_dir}: no {safetensors_name} or {pickle_name}")
     try:
         tensors = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:          # weights_only refuses anything but tensors and plain containers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from adapters.bitfit_runtime import BitFitRuntime
 from adapters.bottleneck_runtime import BottleneckRuntime
+from adapters.fusion_runtime import FusionRuntime
 from adapters.ia3_runtime import IA3Runtime
 from adapters.interface import AdapterRuntime, AdaptableModel
 from adapters.lora_runtime import LoraRuntime
@@ -13,4 +14,4 @@ from adapters.prefix_runtime import PrefixRuntime
 def make_runtimes(model: AdaptableModel) -> list[AdapterRuntime]:
     """One instance of each runtime on `model`, in the order their hooks run."""
     return [LoraRuntime(model), PrefixRuntime(model), IA3Runtime(model), BitFitRuntime(model),
-            BottleneckRuntime(model)]
+            BottleneckRuntime(model), FusionRuntime(model)]

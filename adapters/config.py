@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 CONFIG_NAME = "adapter_config.json"
+FUSION_CONFIG_NAME = "adapter_fusion_config.json"     # AdapterHub's save_adapter_fusion (no adapter_config.json)
 
 # What detect_kind returns: the runtime that serves the adapter. LoRA, DoRA (LORA with use_dora) and AdaLoRA
 # all load into LoRA tensors (adapters/lora.py), so they share "lora".
@@ -25,6 +26,7 @@ IA3 = "ia3"
 BOTTLENECK = "bottleneck"
 ADAPTERHUB_IA3 = "adapterhub_ia3"      # AdapterHub's IA3Config: architecture "lora", composition_mode "scale"
 BITFIT = "bitfit"                      # our format (README "BitFit adapters"): peft_type "BITFIT"
+ADAPTERHUB_FUSION = "adapterhub_fusion"  # AdapterHub AdapterFusion over loaded bottleneck adapters (fusion.py)
 
 PEFT_KINDS = {"LORA": LORA, "ADALORA": LORA, "PREFIX_TUNING": PREFIX_TUNING, "PROMPT_TUNING": PROMPT_TUNING,
               "P_TUNING": P_TUNING, "IA3": IA3, "BITFIT": BITFIT}
@@ -291,9 +293,18 @@ def _is_adapterhub(d: dict) -> bool:
         k in d for k in ("name", "version", "model_type", "model_name"))
 
 
+def is_fusion_dir(adapter_dir: str) -> bool:
+    """An AdapterHub fusion directory: adapter_fusion_config.json and no adapter_config.json."""
+    return (os.path.isfile(os.path.join(adapter_dir, FUSION_CONFIG_NAME))
+            and not os.path.isfile(os.path.join(adapter_dir, CONFIG_NAME)))
+
+
 def detect_kind(adapter_dir: str) -> str:
     """LORA (LoRA, DoRA, AdaLoRA), PREFIX_TUNING, PROMPT_TUNING, P_TUNING, IA3, or for AdapterHub checkpoints
-    BOTTLENECK (SeqBn / DoubleSeqBn / ParBn) or ADAPTERHUB_IA3."""
+    BOTTLENECK (SeqBn / DoubleSeqBn / ParBn) or ADAPTERHUB_IA3; a directory with only an
+    adapter_fusion_config.json is ADAPTERHUB_FUSION."""
+    if is_fusion_dir(adapter_dir):
+        return ADAPTERHUB_FUSION
     d = read_config_json(adapter_dir)
     path = os.path.join(adapter_dir, CONFIG_NAME)
     if _is_adapterhub(d):

@@ -158,6 +158,10 @@ class AdapterRuntime:
     def remove(self, slot: int) -> None:
         """Clear `slot` (also after a failed install: must not raise for a half-installed slot)."""
 
+    def bind(self, registry) -> None:
+        """Called once with the engine's adapter registry (adapters/registry.py), before any load: for kinds built
+        on other loaded adapters (AdapterFusion resolves its members by name). Most runtimes ignore it."""
+
     def virtual_kv(self, weights) -> PrefixKV | VirtualTokens | None:
         """Virtual tokens every request of this adapter attends (prefix / prompt tuning), as data: the engine
         allocates shared KV blocks for them at install and writes them. None: none."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from adapters.config import CONFIG_NAME, AdapterError
+from adapters.config import CONFIG_NAME, AdapterError, is_fusion_dir
 
 
 class AdapterPathError(AdapterError):
@@ -72,7 +72,8 @@ class AdapterRoots:
         if not any(self._inside(real, root) for root in self.allowed):
             raise AdapterPathError(f"adapter path {path!r} is or passes through a symlink leading outside the "
                                    f"allowed adapter directories")
-        if not os.path.isdir(real) or not os.path.isfile(os.path.join(real, CONFIG_NAME)):
+        has_config = os.path.isfile(os.path.join(real, CONFIG_NAME)) or is_fusion_dir(real)
+        if not os.path.isdir(real) or not has_config:
             raise AdapterPathNotFound(f"No adapter found at {path!r} (no directory with {CONFIG_NAME})")
         for entry in os.scandir(real):
             target = os.path.realpath(entry.path)

@@ -86,6 +86,8 @@ class LLMEngine:
             loaders={kind: rt.load for rt in self.runtimes for kind in rt.kinds},
             num_layers=spec.num_layers, max_slots=config.max_loras,
             max_device_bytes=config.max_adapter_bytes, max_host_bytes=config.max_host_adapter_bytes)
+        for runtime in self.runtimes:
+            runtime.bind(self.adapters)         # kinds made of other loaded adapters (AdapterFusion) look them up
         self.residency = _IsolatedResidency(self.adapters)
         self.scheduler.adapters = self.residency      # admission puts adapters on the device
         # structured output; the HTTP side compiles into the same cache at admission
