@@ -20,7 +20,7 @@ fusion; a member contributes only its `up`, so its own ln_after / residual optio
     up_m = f_m(x)  for each member m                  f_m(x) = up_m(act_m(down_m(LN_before_m(x)))) * scaling_m
     q = query(x);  k_m = key(up_m);  v_m = value(up_m)          (an option set false: that projection is identity)
     p = softmax_m(q . k_m);   ctx = sum_m p_m v_m     (value_before_softmax false: ctx = value(sum_m p_m up_m))
-    h = ctx + res + (r if original_ln_after)          res = o (residual_before_ln) | x;   parallel last: + o + r
+    h = ctx + res + (r if original_ln_after)          res = o (residual_before_ln) | x;   parallel last: res = r + o
 
 which is  h = ctx + c_o o + c_r r  with x = a_o o + a_r r (`FusionAdapter.coefficients`).
 """
