@@ -210,11 +210,23 @@ def load_bottleneck(adapter_dir: str, hidden_size: int, num_layers: int,
                     dtype: torch.dtype | None = None) -> BottleneckAdapter:
     """Load an AdapterHub bottleneck adapter for a base with `hidden_size` and `num_layers`; tensors in `dtype`
     (default: the checkpoint's), scaling folded in float32. AdapterError for anything not served exactly."""
-    d = read_config_json(adapter_dir)
     source = os.path.join(adapter_dir, CONFIG_NAME)
-    config = d.get("config")
+    config = read_config_json(adapter_dir).get("config")
     math_ = parse_math(config, source)
     tensors, file = read_adapterhub_weights(adapter_dir)
+    return bottleneck_from(adapter_dir, config, math_, tensors, file, source, hidden_size, num_layers, dtype)
+
+
+def take_bottleneck_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pop the bottleneck-adapter tensors (attention_adapters / output_adapters modules) out of `tensors`: the
+    bottleneck part of a union checkpoint (adapters/union.py)."""
+    return {key: tensors.pop(key) for key in list(tensors) if _KEY.match(key)}
+
+
+def bottleneck_from(adapter_dir: str, config: dict, math_: BnMath, tensors: dict[str, torch.Tensor], file: str,
+                    source: str, hidden_size: int, num_layers: int, dtype: torch.dtype | None = None
+                    ) -> BottleneckAdapter:
+    """`load_bottleneck` once the config is parsed and the tensors read (`file`, `source`: for errors)."""
     groups: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     names = set()
     for key, t in tensors.items():

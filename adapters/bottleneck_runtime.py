@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.bottleneck import BottleneckAdapter, load_bottleneck
+from adapters.bottleneck import (BottleneckAdapter, bottleneck_from, load_bottleneck, parse_math,
+                                 take_bottleneck_tensors)
 from adapters.bottleneck_stacks import SublayerStacks, TokenGroup, grouped_sublayer
 from adapters.config import BOTTLENECK
 from adapters.interface import AdaptableModel, AdapterRuntime, StepLayout
@@ -36,6 +37,14 @@ class BottleneckRuntime(AdapterRuntime):
     def load(self, path: str) -> BottleneckAdapter:
         spec = self.model.spec
         return load_bottleneck(path, spec.hidden_size, spec.num_layers)
+
+    def load_part(self, path: str, config: dict, tensors: dict[str, torch.Tensor], source: str
+                  ) -> BottleneckAdapter:
+        """The bottleneck part of a union adapter (MAM's parallel adapter)."""
+        spec = self.model.spec
+        mine = take_bottleneck_tensors(tensors)
+        return bottleneck_from(path, config, parse_math(config, source), mine, path, source, spec.hidden_size,
+                               spec.num_layers)
 
     def install(self, slot: int, adapter: BottleneckAdapter) -> None:
         self.adapters[slot] = adapter

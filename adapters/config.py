@@ -27,6 +27,8 @@ BOTTLENECK = "bottleneck"
 ADAPTERHUB_IA3 = "adapterhub_ia3"      # AdapterHub's IA3Config: architecture "lora", composition_mode "scale"
 BITFIT = "bitfit"                      # our format (README "BitFit adapters"): peft_type "BITFIT"
 ADAPTERHUB_FUSION = "adapterhub_fusion"  # AdapterHub AdapterFusion over loaded bottleneck adapters (fusion.py)
+ADAPTERHUB_PREFIX = "adapterhub_prefix"    # AdapterHub's PrefixTuningConfig: architecture "prefix_tuning"
+ADAPTERHUB_UNION = "adapterhub_union"      # AdapterHub's ConfigUnion (MAM, ...): architecture "union"
 
 PEFT_KINDS = {"LORA": LORA, "ADALORA": LORA, "PREFIX_TUNING": PREFIX_TUNING, "PROMPT_TUNING": PROMPT_TUNING,
               "P_TUNING": P_TUNING, "IA3": IA3, "BITFIT": BITFIT}
@@ -299,24 +301,35 @@ def is_fusion_dir(adapter_dir: str) -> bool:
             and not os.path.isfile(os.path.join(adapter_dir, CONFIG_NAME)))
 
 
+def adapterhub_kind(config: dict, source: str = CONFIG_NAME) -> str:
+    """The kind serving an AdapterHub method config (an adapter_config.json's "config", or one of a union's
+    "configs"): BOTTLENECK, ADAPTERHUB_IA3, ADAPTERHUB_PREFIX or ADAPTERHUB_UNION; AdapterError for others."""
+    if not isinstance(config, dict):
+        raise AdapterError(f"{source}: an AdapterHub method config must be a JSON object, got {config!r}")
+    arch = config.get("architecture")
+    if arch in (None, "bottleneck"):
+        return BOTTLENECK
+    if arch == "lora" and config.get("composition_mode") == "scale":
+        return ADAPTERHUB_IA3
+    if arch == "prefix_tuning":
+        return ADAPTERHUB_PREFIX
+    if arch == "union":
+        return ADAPTERHUB_UNION
+    unless = " unless composition_mode is \"scale\" ((IA)^3)" if arch == "lora" else ""
+    raise AdapterError(f"{source}: AdapterHub adapter with architecture {arch!r} is not supported{unless} "
+                       f"(served: bottleneck adapters, (IA)^3, prefix tuning and unions of these (MAM))")
+
+
 def detect_kind(adapter_dir: str) -> str:
     """LORA (LoRA, DoRA, AdaLoRA), PREFIX_TUNING, PROMPT_TUNING, P_TUNING, IA3, or for AdapterHub checkpoints
-    BOTTLENECK (SeqBn / DoubleSeqBn / ParBn) or ADAPTERHUB_IA3; a directory with only an
-    adapter_fusion_config.json is ADAPTERHUB_FUSION."""
+    BOTTLENECK (SeqBn / DoubleSeqBn / ParBn), ADAPTERHUB_IA3, ADAPTERHUB_PREFIX or ADAPTERHUB_UNION; a directory
+    with only an adapter_fusion_config.json is ADAPTERHUB_FUSION."""
     if is_fusion_dir(adapter_dir):
         return ADAPTERHUB_FUSION
     d = read_config_json(adapter_dir)
     path = os.path.join(adapter_dir, CONFIG_NAME)
     if _is_adapterhub(d):
-        config = d["config"]
-        arch = config.get("architecture")
-        if arch in (None, "bottleneck"):
-            return BOTTLENECK
-        if arch == "lora" and config.get("composition_mode") == "scale":
-            return ADAPTERHUB_IA3
-        unless = " unless composition_mode is \"scale\" ((IA)^3)" if arch == "lora" else ""
-        raise AdapterError(f"{path}: AdapterHub adapter with architecture {arch!r} is not supported{unless} "
-                           f"(served: bottleneck adapters and (IA)^3)")
+        return adapterhub_kind(d["config"], path)
     peft_type = d.get("peft_type")
     if peft_type is None:
         raise AdapterError(f"{path}: no peft_type field (and not an AdapterHub adapter config)")
@@ -332,6 +345,6 @@ def load_config(adapter_dir: str):
     kind = detect_kind(adapter_dir)
     d = read_config_json(adapter_dir)
     source = os.path.join(adapter_dir, CONFIG_NAME)
-    if kind in (BOTTLENECK, ADAPTERHUB_IA3):
+    if kind in (BOTTLENECK, ADAPTERHUB_IA3, ADAPTERHUB_PREFIX, ADAPTERHUB_UNION):
         return BottleneckConfig.from_dict(d, source)
     return CONFIG_CLASSES[str(d["peft_type"]).upper()].from_dict(d, source)

@@ -16,6 +16,16 @@ at `meta.adapters[runtime.name]`. Hook points, in forward order:
     virtual_kv(weights) -> PrefixKV | VirtualTokens       K/V as data: the engine owns the blocks and writes them
 
 A hook left as None costs nothing; hooks of runtimes with no view this step are not called at all.
+
+Union adapters (one adapter acting through several runtimes: AdapterHub's ConfigUnion, i.e. MAM = prefix tuning
++ parallel bottleneck, UniPELT = prefix + SeqBn + LoRA): the union kind is served by `adapters/union.py`'s
+`UnionRuntime`, which owns no tensors and no hooks. Its `load` splits the checkpoint by sub-config: each part goes
+to the runtime serving that part's kind, through that runtime's `load_part(path, config, tensors, source)`; the
+weights container (`UnionWeights`) keeps {part kind: part weights}; install / remove / virtual_kv fan out to the part
+runtimes with the adapter's one slot. Per step, a runtime sees a union adapter's tokens as its own when one of the
+adapter's `part_kinds` (kept in the handle's `info`, also while the weights are on disk) is one of its `kinds`
+(`StepLayout.slots_of`). A new part kind = `load_part` on its runtime plus its sub-config in
+`adapters.config.adapterhub_kind`; nothing in the engine changes.
 """
 from __future__ import annotations
 
@@ -73,19 +83,24 @@ class StepLayout:
         return sum(item.num_tokens for item in self.items)
 
     def slots_of(self, kinds) -> tuple[list[int | None], list[int], list[int | None]]:
-        """Per token: the slot of its adapter if that is of one of `kinds` (else None) and its first layer;
-        per sampled row: the slot (None likewise)."""
+        """Per token: the slot of its adapter if that is of one of `kinds` or has a part of one of them (a union
+        adapter, else None) and its first layer; per sampled row: the slot (None likewise)."""
         token_slots: list[int | None] = []
         token_first: list[int] = []
         sample_slots: list[int | None] = []
         for item in self.items:
             adapter = item.adapter
-            slot = adapter.slot if adapter is not None and adapter.kind in kinds else None
+            slot = adapter.slot if adapter is not None and has_kind(adapter, kinds) else None
             token_slots.extend([slot] * item.num_tokens)
             token_first.extend([item.first_layer] * item.num_tokens)
             if item.is_sampled:
                 sample_slots.append(slot)
         return token_slots, token_first, sample_slots
+
+
+def has_kind(adapter, kinds) -> bool:
+    """Whether adapter handle `adapter` is of one of `kinds`, or a union adapter with a part of one of them."""
+    return adapter.kind in kinds or any(part in kinds for part in adapter.info.get("part_kinds", ()))
 
 
 @dataclass
@@ -106,9 +121,13 @@ class StepHooks:
 # ---- K/V contributions (data; the engine stores them) -----------------------------------------------------------
 @dataclass
 class PrefixKV:
-    """Every layer's keys and values for n virtual tokens, written as they are into the cache (no RoPE)."""
+    """Every layer's keys and values for n virtual tokens, written as they are into the cache (no RoPE).
+    `first_position`: the RoPE position of the request's first own token: None = n, after the virtual tokens
+    (PEFT); 0 for AdapterHub, whose prefix is concatenated to the keys of a model whose positions start at 0.
+    Either way the request's tokens attend every virtual token."""
     key: torch.Tensor        # [num_layers, n, num_kv_heads, head_dim]
     value: torch.Tensor      # [num_layers, n, num_kv_heads, head_dim]
+    first_position: int | None = None
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -148,9 +167,16 @@ class AdapterRuntime:
 
     def load(self, path: str) -> object:
         """Read and validate a checkpoint into this kind's weights container (any thread, no shared state).
-        The container's `num_bytes` is its device cost; `rank` / `num_virtual_tokens`, when present, are kept
-        while the weights are on disk. AdapterError for anything that cannot be served exactly."""
+        The container's `num_bytes` is its device cost; `rank` / `num_virtual_tokens` / `first_position` /
+        `part_kinds`, when present, are kept while the weights are on disk. AdapterError for anything that
+        cannot be served exactly."""
         raise NotImplementedError
+
+    # load_part(path, config, tensors, source) -> weights: the part of a union adapter (adapters/union.py) this
+    # runtime serves, from its sub-config `config` (one of the union's "configs"; `source` names it in errors) and
+    # the checkpoint's tensors not yet claimed by another part, popping those it uses out of `tensors`.
+    # None: the runtime serves no union parts.
+    load_part: Callable | None = None
 
     def install(self, slot: int, weights) -> None:
         """Put `weights` into `slot` of this runtime's device state (engine thread, between steps)."""

@@ -21,7 +21,7 @@ class LoadedAdapter:
     kind: str
     weights: object
     num_bytes: int
-    info: dict = field(default_factory=dict)     # "rank", "num_virtual_tokens" when the kind has them
+    info: dict = field(default_factory=dict)     # "rank", "num_virtual_tokens", ... when the kind has them
 
 
 class CheckpointReader:
@@ -68,7 +68,8 @@ class CheckpointReader:
         if self.max_device_bytes is not None and num_bytes > self.max_device_bytes:
             raise AdapterError(f"{path}: the adapter needs {num_bytes} bytes on the device but the whole device "
                                f"budget (--max-adapter-memory) is {self.max_device_bytes} bytes")
-        # what must be known while the weights are on disk: "rank", "num_virtual_tokens" (prefix / prompt tuning)
-        info = {key: getattr(weights, key) for key in ("rank", "num_virtual_tokens")
+        # what must be known while the weights are on disk: "rank", "num_virtual_tokens", "first_position" (prefix /
+        # prompt tuning), "part_kinds" (a union adapter's parts: the runtimes that act on its tokens)
+        info = {key: getattr(weights, key) for key in ("rank", "num_virtual_tokens", "first_position", "part_kinds")
                 if getattr(weights, key, None) is not None}
         return LoadedAdapter(path, kind, weights, num_bytes, info)

@@ -114,7 +114,8 @@ class LLMEngine:
                                  "adapter_drop")
             self.adapters.acquire(handle)
         seq = Sequence(request_id, prompt_ids, params, handle, first_layer, arrival=time.monotonic(),
-                       num_virtual_tokens=num_virtual)
+                       num_virtual_tokens=num_virtual,
+                       first_position=None if handle is None else handle.info.get("first_position"))
         seq.num_forks = params.num_samples - 1      # forked from it once its prompt is computed
         if seq.num_forks:
             self.samples[request_id] = [request_id]
@@ -251,7 +252,8 @@ class LLMEngine:
             for index in range(1, parent.num_forks + 1):
                 key = _sample_key(state.request_id, index)
                 child = Sequence(key, parent.prompt_ids, parent.params, parent.adapter, parent.first_adapter_layer,
-                                 arrival=parent.arrival, num_virtual_tokens=parent.num_virtual_tokens)
+                                 arrival=parent.arrival, num_virtual_tokens=parent.num_virtual_tokens,
+                                 first_position=parent.first_position)
                 child.num_computed_tokens = parent.num_tokens    # its whole prompt, computed this step
                 if parent.adapter is not None:
                     self.adapters.acquire(parent.adapter)

@@ -63,10 +63,11 @@ class ModelRunner:
             row = len(input_ids)
             rows.append(row)
             input_ids.extend(seq.all_ids[start:start + n])
-            # own token p: position num_virtual + p, in block-table slot (after the shared prefix) first + p
-            table, first, num_virtual = seq.block_table, seq.num_prefix_blocks * bs, seq.num_virtual_tokens
+            # own token p: position first_position + p (num_virtual + p unless its prefix says otherwise), in
+            # block-table slot (after the shared prefix) first + p
+            table, first, first_position = seq.block_table, seq.num_prefix_blocks * bs, seq.first_position
             for p in range(start, start + n):
-                positions.append(num_virtual + p)
+                positions.append(first_position + p)
                 slots.append(table[(first + p) // bs] * bs + (first + p) % bs)
             (decodes if n == 1 else prefills).append((item, row))
             if item.is_last_chunk:

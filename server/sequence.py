@@ -33,12 +33,14 @@ class Sequence:
     first (prefilled in one or more chunks), then exactly one token (the last sampled) per decode step.
     `num_virtual_tokens`: its adapter's prefix / prompt-tuning tokens (0 for other kinds). They are not the
     sequence's tokens: every count here is of its own tokens, and its own token i has position
-    `num_virtual_tokens + i`. Their K/V live in the adapter's shared blocks (`prefix`), which the block manager
+    `first_position + i` (`first_position`: num_virtual_tokens by default, as PEFT; 0 for AdapterHub prefixes,
+    whose keys carry no position). Their K/V live in the adapter's shared blocks (`prefix`), which the block manager
     attaches at the head of `block_table` on (re-)admission and detaches when it frees the sequence.
     """
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter=None,
-                 first_adapter_layer: int = 0, arrival: float = 0.0, num_virtual_tokens: int = 0):
+                 first_adapter_layer: int = 0, arrival: float = 0.0, num_virtual_tokens: int = 0,
+                 first_position: int | None = None):
         if not prompt_ids:
             raise ValueError("prompt must contain at least one token")
         self.request_id = request_id
@@ -53,6 +55,7 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.num_computed_tokens = 0
         self.num_virtual_tokens = num_virtual_tokens
+        self.first_position = num_virtual_tokens if first_position is None else first_position
         self.prefix: SharedPrefix | None = None     # while it holds blocks and has virtual tokens
         self.block_table: list[int] = []            # prefix.blocks (if any), then its own blocks
         self.cached_chain: list[int] = []           # prefix-cache entry ids of its leading full own blocks

@@ -46,7 +46,7 @@ class Fixture:
             if folder is not None:
                 config = json.loads((self.dir / folder / "adapter_config.json").read_text())["config"]
                 if config.get("architecture") not in (None, "lora") or config.get("phm_layer"):
-                    continue        # #13's kinds (prefix, union) and Compacter: refused, tested below
+                    continue        # prefix, union: test_adapterhub_prefix_mam.py; Compacter: refused below
                 assert detect_kind(str(self.dir / folder)) in (BOTTLENECK, ADAPTERHUB_IA3)
             skip = case["skip_layers"] or []
             assert skip == list(range(len(skip)))          # AdapterDrop k == skip_layers range(k)
