@@ -167,3 +167,16 @@ def test_unload_frees_every_part(fixture):
     tokens, logits = run(engine, [(fixture.prompts[1], "par_bn", None, 0)], fixture.max_new)
     assert tokens[0] == fixture.expected("par_bn", 1)[0]
     torch.testing.assert_close(logits[0], fixture.expected("par_bn", 1)[1], atol=ATOL, rtol=0)
+
+
+def test_adapter_drop_of_every_layer_is_the_base(fixture):
+    """AdapterDrop of all layers (AdapterHub's skip_layers = every layer) leaves neither the prefix nor the
+    bottleneck anywhere, and the request's own positions still start at 0: exactly the base model's output."""
+    engine = engine_with(fixture)
+    layers = engine.runner.spec.num_layers
+    requests = [(prompt, case, layers, 0) for case in CASES for prompt in fixture.prompts]
+    tokens, logits = run(engine, requests, fixture.max_new)
+    for (prompt, case, _, _), got_tokens, got_logits in zip(requests, tokens, logits):
+        want_tokens, want_logits = fixture.expected("base", fixture.prompts.index(prompt))
+        assert got_tokens == want_tokens, case
+        torch.testing.assert_close(got_logits, want_logits, atol=ATOL, rtol=0, msg=case)
