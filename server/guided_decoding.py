@@ -51,10 +51,13 @@ class GuidedDecoding:
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """A sample forked from `parent_id` before either has a token (n > 1): a copy of its grammar state, and
-        its mask in the step under way is the parent's."""
+        its mask in the step under way is the parent's. Forks happen after the forward but before `apply`: the
+        worker may still be computing the parent's mask (the matcher mutably borrowed in Rust), so wait for it."""
         matcher = self._matchers.get(parent_id)
         if matcher is None:
             return
+        if self._step is not None and parent_id in self._step.rows and self._step.future is not None:
+            self._step.future.result()
         self._matchers[child_id] = matcher.deep_copy()
         if self._step is not None and parent_id in self._step.rows:
             self._step.rows[child_id] = self._step.rows[parent_id]

@@ -198,3 +198,35 @@ def test_n_samples_each_follow_the_grammar(engine):
                                                             guided=guided_spec(guided_regex=regex)))[0]
     assert texts[0] == single
     assert not engine.guided._matchers
+
+
+def test_fork_waits_for_the_parents_mask_under_way(grammars, monkeypatch):
+    """n > 1 forks a request's grammar state after the forward, while the worker may still be computing its mask:
+    the copy must not touch the matcher then (llguidance raises "Already mutably borrowed", failing the step)."""
+    import threading
+    import time
+    from server.guided_decoding import GuidedDecoding
+
+    busy = threading.Event()
+
+    class Matcher:                     # stands in for llguidance.LLMatcher: copying it while the worker has it fails
+        def deep_copy(self):
+            if busy.is_set():
+                raise RuntimeError("Already mutably borrowed")
+            return Matcher()
+
+    def slow_fill(matchers, bitmask):
+        busy.set()
+        time.sleep(0.3)
+        busy.clear()
+
+    guided = GuidedDecoding(grammars)
+    monkeypatch.setattr(guided, "_fill", slow_fill)
+    guided._matchers["parent"] = Matcher()
+    masks = guided.start(["parent"])
+    while not busy.is_set():           # the worker holds the parent's matcher
+        time.sleep(0.001)
+    guided.fork("parent", "child")
+    assert isinstance(guided._matchers["child"], Matcher)
+    assert masks.rows["child"] == masks.rows["parent"]
+    guided.close()
