@@ -3,12 +3,14 @@
 Each step decodes only a short window of ids (prefix_offset .. end) and emits the text beyond what the
 window's first part already produced; text ending in U+FFFD (an incomplete UTF-8 sequence) waits for the
 next token. Text that could still be the beginning of a stop string is held back until it can't be.
+`min_tokens`: as in vLLM, stop strings are not looked for until that many tokens are generated, and then only
+in text that ends at or after that token (a stop string completed earlier does not stop the request later).
 """
 from __future__ import annotations
 
 
 class Detokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]):
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.ids = list(prompt_ids[-6:])          # a little prompt context, so the first word decodes right
         self.prefix_offset = 0
@@ -18,6 +20,9 @@ class Detokenizer:
         self.text = ""                            # decoded output so far
         self.emitted = 0                          # chars of self.text already returned
         self.stopped = False
+        self.min_tokens = min_tokens
+        self.num_generated = 0
+        self.floor = 0                            # a stop string must end after this many chars of self.text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -31,9 +36,13 @@ class Detokenizer:
             self.text += full[len(prefix):]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-        if self.stop:
+        self.num_generated += 1
+        if self.stop and self.num_generated < self.min_tokens:
+            self.floor = len(self.text)
+        elif self.stop:
             search_from = max(0, self.emitted - self.hold)
-            hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+            hits = [i for i in (self.text.find(s, max(search_from, self.floor - len(s) + 1)) for s in self.stop)
+                    if i >= 0]
             if hits:
                 self.text = self.text[:min(hits)]
                 self.stopped = True

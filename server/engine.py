@@ -127,8 +127,8 @@ class LLMEngine:
 
     def _state(self, seq: Sequence, request_id: str, seed: int, index: int) -> RequestState:
         generator = torch.Generator().manual_seed(sample_seed(seed, index))
-        return RequestState(seq, Detokenizer(self.tokenizer, seq.prompt_ids, seq.params.stop), generator,
-                            request_id, seed, index)
+        detok = Detokenizer(self.tokenizer, seq.prompt_ids, seq.params.stop, seq.params.min_tokens)
+        return RequestState(seq, detok, generator, request_id, seed, index)
 
     def validate_prompt(self, prompt_ids: list[int], params: SamplingParams, num_virtual_tokens: int = 0) -> None:
         """`num_virtual_tokens`: the adapter's prefix / prompt-tuning tokens, which share the context."""

@@ -14,8 +14,8 @@ def tok(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def stream(tok, ids, stop):
-    d = Detokenizer(tok, tok.encode("prompt: "), stop)
+def stream(tok, ids, stop, min_tokens=0):
+    d = Detokenizer(tok, tok.encode("prompt: "), stop, min_tokens)
     parts = []
     for i, t in enumerate(ids):
         stopped = d.add(t)
@@ -42,3 +42,16 @@ def test_stop_strings_cut_the_text_and_never_leak(tok, stop, expected):
     parts, stopped = stream(tok, tok.encode(TEXT), stop)
     assert stopped
     assert "".join(parts) == expected
+
+
+def test_min_tokens_holds_stop_strings_off(tok):
+    """vLLM: stop strings are not checked before min_tokens tokens; a stop string that was completed earlier does
+    not stop the request later, one completed by the min_tokens-th token does."""
+    ids = tok.encode(TEXT)
+    first = next(j for j in range(len(ids)) if "return" in tok.decode(ids[:j + 1]))   # token completing it
+    parts, stopped = stream(tok, ids, ["return"], min_tokens=first + 1)
+    assert stopped and "".join(parts) == "def hello(name):\n    "
+    parts, stopped = stream(tok, ids, ["return"], min_tokens=first + 2)
+    assert not stopped and "".join(parts) == TEXT
+    parts, stopped = stream(tok, ids, ["return", "print("], min_tokens=first + 2)
+    assert stopped and "".join(parts) == "def hello(name):\n    return f'héllo {name} ✓'  # done\n"
