@@ -1,8 +1,8 @@
 """Bottleneck adapters grouped by adapter: per-slot stacks of one sub-layer position and the grouped op.
 
 For one (layer, position) the weights of every loaded bottleneck adapter with a module there live in the rank
-bucket of its rank class w (`rank_class`: the next power of two, at least 16), at a local index i of that bucket
-(kernel layout, like LoRA's):
+bucket of its rank class w (kernels.shapes.rank_class: the next power of two, at least 16), at a local index i
+of that bucket (kernel layout, like LoRA's):
     down    [S_w, w, hidden]  adapter_down weight, zero-padded to w
     up      [S_w, hidden, w]  adapter_up weight with scaling folded in
     down_b  [S_w, w]
@@ -32,18 +32,13 @@ import torch.nn.functional as F
 import kernels
 from adapters.bottleneck import ACTIVATIONS, LN_EPS, BnMath, BnModule
 from kernels import SegmentMeta
+from kernels.shapes import rank_class
 from kernels.sgmv_shrink import MAX_RANK
 
 BASE_COEF = (0.0, 0.0, 0.0, 0.0, 1.0, 1.0)
 # The Triton SGMV kernels take ranks <= 128; a bottleneck can be wider (ParBn's reduction_factor 2 on hidden 4096:
 # r = 2048), so on CUDA the rank is cut into chunks. The torch path takes any rank.
 MAX_KERNEL_RANK = {"cuda": MAX_RANK}
-MIN_RANK_CLASS = 16     # Triton pads a rank to a power of two >= 16 anyway (tl.dot block dims)
-
-
-def rank_class(rank: int) -> int:
-    """The bucket width a module of `rank` is stored at: 5 -> 16, 64 -> 64, 65 -> 128, 300 -> 512."""
-    return max(MIN_RANK_CLASS, 1 << (rank - 1).bit_length())
 
 
 class RankBucket:

@@ -1,15 +1,17 @@
 """LoRA on the running model: per-slot weight stacks on every target linear, applied with SGMV.
 
-Each (possibly fused) linear of the model gets one `LinearLora`. For the HF sub-modules that any loaded
-adapter targets (q_proj, k_proj, ... of a fused qkv_proj) it keeps stacks in the kernels' layout:
-    a:       [S, R_q + R_k + ..., in]  slot s = one adapter's lora_A blocks, one per slice (zero-padded ranks)
-    b[name]: [S, width, R_name]        its lora_B with every constant scaling folded in (zero-padded columns)
-    g[name]: [S, width]                DoRA's per-column factor (1 for plain LoRA slots)
-Stacks grow (re-allocated, old slots copied) when a slot or rank beyond the current size arrives. Every stack
-covers every LoRA slot in use, not only the slots of the adapters that target it: a step's segments are the same
-for all linears of a layer, so a stack first created for an adapter in slot 0 while slot 1 holds an adapter on
-other modules must still have a (zero) row 1.
-Tokens whose request has no LoRA adapter are in no segment and cost nothing.
+Each (possibly fused) linear of the model gets one `LinearLora`. The adapters that target any of its HF
+sub-modules (q_proj, k_proj, ... of a fused qkv_proj) sit in the rank bucket of their rank class there
+(kernels.shapes.rank_class of their widest slice: a power of two >= 16), at a local index i of that bucket; each
+bucket keeps stacks in the kernels' layout:
+    a:       [S_w, R_q + R_k + ..., in]  index i = one adapter's lora_A blocks, one per slice (zero-padded ranks)
+    b[name]: [S_w, width, R_name]        its lora_B with every constant scaling folded in (zero-padded columns)
+    g[name]: [S_w, width]                DoRA's per-column factor (1 for plain LoRA slots)
+so an r 8 adapter beside an r 64 one still costs r 8 (its class, 16). Stacks grow (re-allocated, old rows copied)
+when an index or rank beyond the current size arrives; an emptied bucket is freed. A step's segments (by slot, the
+same for all linears of a layer) are re-cut per bucket: its adapters' segments only, slots mapped to local indices,
+over the same rows (memoised in the segments' `derived` per bucket layout), so each bucket's shrink / expand
+touches its own adapters' rows only. Tokens whose request has no LoRA adapter here are in no segment and cost nothing.
 """
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ import kernels
 from adapters.config import LORA
 from adapters.interface import AdaptableModel, AdapterRuntime, LinearSite, StepLayout
 from kernels import SegmentMeta
+from kernels.shapes import rank_class
 
 
-class LinearLora:
-    """The LoRA stacks of one (possibly fused) Linear. All its targeted slices share one A stack, so a fused
-    qkv_proj needs one shrink for q, k and v together: a[:, offset[name]:offset[name] + rank[name]] is the
-    slice's lora_A block; its expand reads that block of the shrink output."""
+class _RankStacks:
+    """The LoRA stacks of one rank bucket of one (possibly fused) Linear, indexed by local index. All its targeted
+    slices share one A stack, so a fused qkv_proj needs one shrink for q, k and v together:
+    a[:, offset[name]:offset[name] + rank[name]] is the slice's lora_A block; its expand reads that block of the
+    shrink output."""
 
     def __init__(self, linear: LinearSite):
         self.linear = linear
@@ -37,10 +41,6 @@ class LinearLora:
         self.dora_slots: set[int] = set()
         self.num_slots = 0                           # slots every stack holds
 
-    @property
-    def is_empty(self) -> bool:
-        return self.a is None
-
     def offsets(self) -> dict[str, int]:
         out, at = {}, 0
         for name, rank in self.ranks.items():
@@ -49,8 +49,8 @@ class LinearLora:
         return out
 
     def set_slot(self, slot: int, modules: dict, num_slots: int) -> None:
-        """Install adapter `modules` ({hf_name: LoraModule}) into `slot`, clearing whatever was there;
-        `num_slots` (> slot): the slots any stack of this linear must cover (every LoRA slot in use)."""
+        """Install adapter `modules` ({hf_name: LoraModule}) into local index `slot`, clearing whatever was there;
+        `num_slots` (> slot): the indices every stack of this bucket must cover."""
         assert num_slots > slot, (num_slots, slot)
         self.clear_slot(slot)
         self._grow(num_slots, {name: mod.lora_a.shape[0] for name, mod in modules.items()})
@@ -96,13 +96,8 @@ class LinearLora:
             at += rank
         self.a, self.ranks, self.num_slots = a, new_ranks, num_slots
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, meta, linear: LinearSite) -> None:
-        view = meta.adapters["lora"]
-        if self.a is None:
-            return
-        seg = view.segments[linear.layer]
-        if seg is None:
-            return
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, seg: SegmentMeta, linear: LinearSite) -> None:
+        """y[:, slices] += the LoRA deltas of the tokens in `seg` (segments by local index)."""
         shrunk = kernels.sgmv_shrink(x, self.a, seg)              # [T, sum(ranks)]
         for name, off in self.offsets().items():
             col, width = linear.slices[name]
@@ -122,6 +117,73 @@ class LinearLora:
                 else:
                     b = bias[col:col + width]
                     part.sub_(b).mul_(g).add_(b)
+
+
+class _Layout(tuple):
+    """Sorted (slot, (rank class, local index)) items of a LinearLora, hashed once: the key it looks its re-cut
+    segments up by, once per linear per step."""
+
+    def __new__(cls, items=()):
+        layout = super().__new__(cls, items)
+        layout.hash = tuple.__hash__(layout)
+        return layout
+
+    def __hash__(self) -> int:
+        return self.hash
+
+
+class LinearLora:
+    """The LoRA of one (possibly fused) Linear: its adapters' stacks, one `_RankStacks` per rank class present."""
+
+    def __init__(self, linear: LinearSite):
+        self.linear = linear
+        self.buckets: dict[int, _RankStacks] = {}                 # rank class -> its stacks
+        self.place: dict[int, tuple[int, int]] = {}               # slot -> (rank class, local index)
+        self.layout = _Layout()                                   # the memo key of a step's re-cut segments
+
+    def set_slot(self, slot: int, modules: dict) -> None:
+        """Install adapter `modules` ({hf_name: LoraModule}, may be empty) into `slot`, clearing whatever was there."""
+        self.clear_slot(slot)
+        if modules:
+            width = rank_class(max(mod.lora_a.shape[0] for mod in modules.values()))
+            bucket = self.buckets.setdefault(width, _RankStacks(self.linear))
+            used = {local for w, local in self.place.values() if w == width}
+            local = min(set(range(len(used) + 1)) - used)
+            bucket.set_slot(local, modules, max(local + 1, bucket.num_slots))
+            self.place[slot] = (width, local)
+        self.layout = _Layout(sorted(self.place.items()))
+
+    def clear_slot(self, slot: int) -> None:
+        if slot in self.place:
+            width, local = self.place.pop(slot)
+            if any(w == width for w, _ in self.place.values()):
+                self.buckets[width].clear_slot(local)
+            else:                                             # a removed wide adapter leaves no wide stack behind
+                del self.buckets[width]
+        self.layout = _Layout(sorted(self.place.items()))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, meta, linear: LinearSite) -> None:
+        view = meta.adapters["lora"]
+        seg = view.segments[linear.layer]
+        if not self.buckets or seg is None:
+            return
+        for width, bucket_seg in self.bucket_segments(seg):
+            self.buckets[width](x, y, bucket_seg, linear)
+
+    def bucket_segments(self, seg: SegmentMeta) -> list[tuple[int, SegmentMeta]]:
+        """(rank class, `seg` cut to that bucket's adapters with local indices) for each bucket with tokens in
+        `seg`; memoised in seg.derived, shared by every linear whose adapters sit alike."""
+        key = ("lora_buckets", self.layout)
+        if key not in seg.derived:
+            cut: dict[int, tuple[list, list, list]] = {}
+            for start, n, slot in zip(seg.start_list, seg.len_list, seg.slot_list):
+                if n and slot in self.place:
+                    width, local = self.place[slot]
+                    for part, v in zip(cut.setdefault(width, ([], [], [])), (start, n, local)):
+                        part.append(v)
+            device = seg.starts.device
+            seg.derived[key] = [(w, SegmentMeta.from_segments(*cut[w], seg.num_tokens, device)) for w in sorted(cut)]
+        return seg.derived[key]
 
 
 class EmbeddingLora:
@@ -170,7 +232,6 @@ class LoraRuntime(AdapterRuntime):
             for name in linear.slices:
                 self.linears[(linear.layer, name)] = stacks
         self.embedding = EmbeddingLora()
-        self.slots_in_use: set[int] = set()      # slots holding a LoRA adapter: every stack covers them all
 
     def load(self, path: str):
         from adapters.lora import load_lora
@@ -191,16 +252,13 @@ class LoraRuntime(AdapterRuntime):
         for (layer, name), mod in modules.items():
             hook = self.linears[(layer, name)]
             grouped.setdefault(id(hook), {})[name] = mod
-        self.slots_in_use.add(slot)
-        num_slots = max(self.slots_in_use) + 1
         for hook in self.by_linear.values():
-            hook.set_slot(slot, grouped.get(id(hook), {}), num_slots)
+            hook.set_slot(slot, grouped.get(id(hook), {}))
         self.embedding.clear_slot(slot)
         if adapter.embed is not None:
             self.embedding.set_slot(slot, adapter.embed, self.model.embed_tokens.weight.dtype)
 
     def remove(self, slot: int) -> None:
-        self.slots_in_use.discard(slot)
         for hook in self.by_linear.values():
             hook.clear_slot(slot)
         self.embedding.clear_slot(slot)

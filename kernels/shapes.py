@@ -1,4 +1,5 @@
-"""Argument checks shared by every SGMV backend: wrong shapes fail loudly with the offending sizes."""
+"""Argument checks shared by every SGMV backend (wrong shapes fail loudly with the offending sizes), and the rank
+classes adapter stacks are bucketed by."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +7,13 @@ import torch
 from kernels.segments import SegmentMeta
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_RANK_CLASS = 16     # Triton pads a rank to a power of two >= 16 anyway (tl.dot block dims)
+
+
+def rank_class(rank: int) -> int:
+    """The stack width an adapter of `rank` is stored at (adapters keep one stack per class, so one wide adapter
+    does not widen its neighbours' SGMV calls): 5 -> 16, 64 -> 64, 65 -> 128, 300 -> 512."""
+    return max(MIN_RANK_CLASS, 1 << (rank - 1).bit_length())
 
 
 def check_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg: SegmentMeta) -> tuple[int, int, int]:

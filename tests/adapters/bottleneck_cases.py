@@ -1,5 +1,6 @@
 """Bottleneck adapters of very different ranks built in code (random weights, every math option), shared by
-tests/adapters/test_bottleneck_ranks.py and the Triton interpreter worker tests/kernels/bottleneck_interpret_worker.py."""
+tests/adapters/test_bottleneck_ranks.py and the Triton interpreter worker
+tests/kernels/bottleneck_interpret_worker.py."""
 from __future__ import annotations
 
 import random

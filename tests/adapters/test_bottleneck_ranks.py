@@ -9,7 +9,7 @@ import torch
 import kernels
 from adapters import bottleneck_stacks
 from adapters.bottleneck import MLP, BnMath, BottleneckAdapter, reference_sublayer
-from adapters.bottleneck_stacks import rank_class
+from kernels.shapes import rank_class
 from tests.adapters.bottleneck_cases import HIDDEN, LAYER, make_adapters, mixed_case, module, run, stacks_of
 
 
