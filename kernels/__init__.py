@@ -4,7 +4,8 @@ A LoRA linear on a mixed batch of flat tokens x [T, H_in]:
     y = sgmv_shrink(x, lora_a, seg)                  # [T, R]
     sgmv_expand(y, lora_b, seg, out, col_offset)     # out[:, c:c+H_out] += per-segment y @ B.T
 Weights are stacked per adapter slot and zero-padded to a common rank R, so adapters of different ranks
-share one stack exactly (kernel-ready layout; PEFT's own layouts, stacked):
+share one stack exactly (callers keep one stack per rank class, kernels.shapes.rank_class, so the padding stays
+under 2x; kernel-ready layout; PEFT's own layouts, stacked):
     lora_a [S, R, H_in]   = lora_A.weight [r, in] per slot
     lora_b [S, H_out, R]  = lora_B.weight [out, r] per slot, with alpha/r folded in at load
 Segments (which rows use which slot) are a `SegmentMeta`, built once per step; see kernels/segments.py.
