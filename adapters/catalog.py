@@ -5,6 +5,7 @@
 union part (`load_part`, adapters/interface.py): it comes last and is given the others."""
 from __future__ import annotations
 
+from adapters.adapterhub_lora_runtime import AdapterHubLoraRuntime
 from adapters.adapterhub_prefix import AdapterHubPrefixRuntime
 from adapters.bitfit_runtime import BitFitRuntime
 from adapters.bottleneck_runtime import BottleneckRuntime
@@ -19,5 +20,6 @@ from adapters.union import UnionRuntime
 def make_runtimes(model: AdaptableModel) -> list[AdapterRuntime]:
     """One instance of each runtime on `model`, in the order their hooks run."""
     runtimes = [LoraRuntime(model), PrefixRuntime(model), AdapterHubPrefixRuntime(model), IA3Runtime(model),
-                BitFitRuntime(model), BottleneckRuntime(model), FusionRuntime(model)]
+                BitFitRuntime(model), BottleneckRuntime(model), FusionRuntime(model),
+                AdapterHubLoraRuntime(model)]
     return [*runtimes, UnionRuntime(runtimes)]

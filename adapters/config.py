@@ -25,6 +25,8 @@ P_TUNING = "p_tuning"
 IA3 = "ia3"
 BOTTLENECK = "bottleneck"
 ADAPTERHUB_IA3 = "adapterhub_ia3"      # AdapterHub's IA3Config: architecture "lora", composition_mode "scale"
+ADAPTERHUB_LORA = "adapterhub_lora"    # AdapterHub's LoRAConfig: architecture "lora", composition_mode "add"
+ADAPTERHUB_LORA_GATED = "adapterhub_lora_gated"   # the same with use_gating (UniPELT's gate, taken at prefill)
 BITFIT = "bitfit"                      # our format (README "BitFit adapters"): peft_type "BITFIT"
 ADAPTERHUB_FUSION = "adapterhub_fusion"  # AdapterHub AdapterFusion over loaded bottleneck adapters (fusion.py)
 ADAPTERHUB_PREFIX = "adapterhub_prefix"    # AdapterHub's PrefixTuningConfig: architecture "prefix_tuning"
@@ -303,7 +305,8 @@ def is_fusion_dir(adapter_dir: str) -> bool:
 
 def adapterhub_kind(config: dict, source: str = CONFIG_NAME) -> str:
     """The kind serving an AdapterHub method config (an adapter_config.json's "config", or one of a union's
-    "configs"): BOTTLENECK, ADAPTERHUB_IA3, ADAPTERHUB_PREFIX or ADAPTERHUB_UNION; AdapterError for others."""
+    "configs"): BOTTLENECK, ADAPTERHUB_IA3, ADAPTERHUB_LORA(_GATED), ADAPTERHUB_PREFIX or ADAPTERHUB_UNION;
+    AdapterError for others."""
     if not isinstance(config, dict):
         raise AdapterError(f"{source}: an AdapterHub method config must be a JSON object, got {config!r}")
     arch = config.get("architecture")
@@ -311,19 +314,23 @@ def adapterhub_kind(config: dict, source: str = CONFIG_NAME) -> str:
         return BOTTLENECK
     if arch == "lora" and config.get("composition_mode") == "scale":
         return ADAPTERHUB_IA3
+    if arch == "lora" and config.get("composition_mode", "add") == "add":
+        return ADAPTERHUB_LORA_GATED if config.get("use_gating") else ADAPTERHUB_LORA
     if arch == "prefix_tuning":
         return ADAPTERHUB_PREFIX
     if arch == "union":
         return ADAPTERHUB_UNION
-    unless = " unless composition_mode is \"scale\" ((IA)^3)" if arch == "lora" else ""
-    raise AdapterError(f"{source}: AdapterHub adapter with architecture {arch!r} is not supported{unless} "
-                       f"(served: bottleneck adapters, (IA)^3, prefix tuning and unions of these (MAM))")
+    mode = f" with composition_mode {config.get('composition_mode')!r}" if arch == "lora" else ""
+    raise AdapterError(f"{source}: AdapterHub adapter with architecture {arch!r}{mode} is not supported "
+                       f"(served: bottleneck adapters, LoRA, (IA)^3, prefix tuning and unions of these (MAM, "
+                       f"UniPELT))")
 
 
 def detect_kind(adapter_dir: str) -> str:
     """LORA (LoRA, DoRA, AdaLoRA), PREFIX_TUNING, PROMPT_TUNING, P_TUNING, IA3, or for AdapterHub checkpoints
-    BOTTLENECK (SeqBn / DoubleSeqBn / ParBn), ADAPTERHUB_IA3, ADAPTERHUB_PREFIX or ADAPTERHUB_UNION; a directory
-    with only an adapter_fusion_config.json is ADAPTERHUB_FUSION."""
+    BOTTLENECK (SeqBn / DoubleSeqBn / ParBn), ADAPTERHUB_IA3, ADAPTERHUB_LORA, ADAPTERHUB_LORA_GATED,
+    ADAPTERHUB_PREFIX or ADAPTERHUB_UNION; a directory with only an adapter_fusion_config.json is
+    ADAPTERHUB_FUSION."""
     if is_fusion_dir(adapter_dir):
         return ADAPTERHUB_FUSION
     d = read_config_json(adapter_dir)
@@ -345,6 +352,7 @@ def load_config(adapter_dir: str):
     kind = detect_kind(adapter_dir)
     d = read_config_json(adapter_dir)
     source = os.path.join(adapter_dir, CONFIG_NAME)
-    if kind in (BOTTLENECK, ADAPTERHUB_IA3, ADAPTERHUB_PREFIX, ADAPTERHUB_UNION):
+    if kind in (BOTTLENECK, ADAPTERHUB_IA3, ADAPTERHUB_LORA, ADAPTERHUB_LORA_GATED, ADAPTERHUB_PREFIX,
+                ADAPTERHUB_UNION):
         return BottleneckConfig.from_dict(d, source)
     return CONFIG_CLASSES[str(d["peft_type"]).upper()].from_dict(d, source)

@@ -72,6 +72,11 @@ class StepItem:
     num_tokens: int
     first_layer: int                # AdapterDrop: the adapter acts in decoder layers >= first_layer only
     is_sampled: bool                # its last row is sampled (a lm_head row) this step
+    # The sequence's adapter state: a dict runtimes may keep per-request values in across steps (gates taken
+    # over the prompt at its first prefill), keyed by runtime name. It lives with the sequence (kept across
+    # preemption, shared by its forked samples, dropped when it ends). None: runtimes keep nothing.
+    state: dict | None = None
+    start: int = 0                  # tokens of the sequence computed before this step (its first row's index)
 
 
 @dataclass
@@ -164,6 +169,9 @@ class AdapterRuntime:
     name: str = ""                  # key of its per-step view in meta.adapters
     kinds: tuple[str, ...] = ()     # adapter kinds (adapters.config.detect_kind) it serves
     evictable: bool = True          # False: installed at load, never evicted (a request binds to it when added)
+    # Kinds whose requests keep values taken over the whole prompt (StepItem.state): the engine prefills such
+    # a request's prompt in one chunk when it has no state yet, and keeps its KV out of the prefix cache.
+    whole_prompt_kinds: tuple[str, ...] = ()
 
     def load(self, path: str) -> object:
         """Read and validate a checkpoint into this kind's weights container (any thread, no shared state).

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters.catalog import make_runtimes
+from adapters.interface import has_kind
 from adapters.registry import AdapterRegistry
 from server.config import EngineConfig
 from server.detokenizer import Detokenizer
@@ -79,6 +80,7 @@ class LLMEngine:
         self.step_counts = {"num_steps": 0, "step_seconds": 0.0, "step_tokens": 0, "step_seqs": 0}
         self.runtimes = make_runtimes(self.runner.model)       # one per adapter family (adapters/catalog.py)
         self.runner.adapter_runtimes = self.runtimes
+        self.whole_prompt_kinds = {kind for rt in self.runtimes for kind in rt.whole_prompt_kinds}
         self.prefixes = PrefixStore(self.runner, self.scheduler.blocks)     # adapters' virtual tokens
         self.scheduler.blocks.prefix_of = lambda seq: self.prefixes.prefix_of(seq.adapter)
         self.adapters = AdapterRegistry(
@@ -112,10 +114,15 @@ class LLMEngine:
             if not 0 <= first_layer <= self.runner.spec.num_layers:
                 raise ParamError(f"adapter_drop must be in [0, {self.runner.spec.num_layers}], got {first_layer}",
                                  "adapter_drop")
+            if has_kind(handle, self.whole_prompt_kinds) and len(prompt_ids) > self.config.max_num_batched_tokens:
+                raise ParamError(f"adapter {adapter!r} takes its gates over the whole prompt, which must fit one "
+                                 f"step: the prompt has {len(prompt_ids)} tokens, max_num_batched_tokens is "
+                                 f"{self.config.max_num_batched_tokens}", "prompt")
             self.adapters.acquire(handle)
         seq = Sequence(request_id, prompt_ids, params, handle, first_layer, arrival=time.monotonic(),
                        num_virtual_tokens=num_virtual,
                        first_position=None if handle is None else handle.info.get("first_position"))
+        seq.whole_prompt = handle is not None and has_kind(handle, self.whole_prompt_kinds)
         seq.num_forks = params.num_samples - 1      # forked from it once its prompt is computed
         if seq.num_forks:
             self.samples[request_id] = [request_id]
@@ -255,6 +262,7 @@ class LLMEngine:
                                  arrival=parent.arrival, num_virtual_tokens=parent.num_virtual_tokens,
                                  first_position=parent.first_position)
                 child.num_computed_tokens = parent.num_tokens    # its whole prompt, computed this step
+                child.whole_prompt, child.adapter_state = parent.whole_prompt, parent.adapter_state
                 if parent.adapter is not None:
                     self.adapters.acquire(parent.adapter)
                 self.scheduler.fork(parent, child)

@@ -13,7 +13,9 @@ The adapter identity is (a number given to each adapter handle object, its Adapt
 on both. Replacing an adapter (load_inplace) or unloading and loading it again makes a new handle, hence a new
 number, so a reloaded adapter never hits blocks computed with the old weights. Requests with virtual tokens
 (prefix / prompt tuning) are not cached: their virtual tokens already live in shared blocks, and their own
-blocks follow an adapter-owned prefix whose blocks can change when the adapter is reinstalled.
+blocks follow an adapter-owned prefix whose blocks can change when the adapter is reinstalled. Nor are requests
+whose adapter takes values over the whole prompt (`seq.whole_prompt`, UniPELT's gates): the K/V of their first
+tokens depend on their later ones.
 
 Worked example, block size 4, base model. Request A has tokens [5 6 7 8 | 9 10 11 12 | 13]: after its prefill
 its two full blocks b3, b7 are entered as (base, ROOT, (5,6,7,8)) -> b3 (id 1) and (base, 1, (9,10,11,12)) -> b7
@@ -48,7 +50,7 @@ class PrefixCache:
 
     def adapter_key(self, seq) -> tuple | None:
         """What besides the tokens decides the sequence's K/V; None = not cacheable."""
-        if seq.num_virtual_tokens:
+        if seq.num_virtual_tokens or seq.whole_prompt:
             return None
         if seq.adapter is None:
             return (0, 0)

@@ -85,7 +85,8 @@ class ModelRunner:
         )
         if any(item.seq.adapter is not None for item in order):
             layout = StepLayout([StepItem(item.seq.adapter, row, item.num_tokens, item.seq.first_adapter_layer,
-                                          item.is_last_chunk) for item, row in zip(order, rows)])
+                                          item.is_last_chunk, item.seq.adapter_state, item.seq.num_computed_tokens)
+                                 for item, row in zip(order, rows)])
             for runtime in self.adapter_runtimes:
                 view = runtime.step_view(layout)
                 if view is not None:

@@ -17,6 +17,8 @@ tokens, same adapter) and only the rest of its tokens run (server/prefix_cache.p
 Waiting requests never preempt running ones, so admission can't thrash; nothing is ever dropped.
 A waiting sequence that will fork into n samples once its prompt is computed (`num_forks` = n - 1) is admitted
 only with sequence slots for all n (or into an empty batch); its samples share its blocks (kv_blocks.fork).
+A sequence whose adapter takes values over the whole prompt (`needs_whole_prompt`: UniPELT's gates) is admitted
+only into a step with budget for its whole prompt (a head that must wait stops admission, like one lacking blocks).
 """
 from __future__ import annotations
 
@@ -125,6 +127,9 @@ class Scheduler:
             seq = queue[0]
             hit = self.blocks.attach_cached(seq)    # cached leading blocks (prefix caching) count as computed
             num = min(seq.num_pending_tokens, budget)
+            if seq.needs_whole_prompt and num < seq.num_pending_tokens:
+                self._detach(seq)                   # waits for a step with room for its whole prompt
+                break
             if not self.blocks.can_allocate(self.blocks.blocks_needed(seq, num)):
                 self._detach(seq)
                 break

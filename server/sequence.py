@@ -61,6 +61,10 @@ class Sequence:
         self.cached_chain: list[int] = []           # prefix-cache entry ids of its leading full own blocks
         self.num_preemptions = 0
         self.num_forks = 0      # more samples of this prompt (n > 1) to fork from it once its prompt is computed
+        # Adapters that take values over the whole prompt (UniPELT's gates): its first prefill is one chunk, its
+        # KV stays out of the prefix cache, and the values live in adapter_state (adapters.interface.StepItem).
+        self.whole_prompt = False
+        self.adapter_state: dict = {}
 
     def __repr__(self):
         return (f"Sequence({self.request_id!r}, prompt={self.num_prompt_tokens}, out={len(self.output_ids)}, "
@@ -73,6 +77,11 @@ class Sequence:
     @property
     def num_prefix_blocks(self) -> int:
         return len(self.prefix.blocks) if self.prefix is not None else 0
+
+    @property
+    def needs_whole_prompt(self) -> bool:
+        """Its next prefill must run the whole prompt in one chunk (its adapter has not taken its values yet)."""
+        return self.whole_prompt and not self.adapter_state
 
     @property
     def num_tokens(self) -> int:

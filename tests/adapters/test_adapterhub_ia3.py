@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from adapters.adapterhub_ia3 import load_adapterhub_ia3
-from adapters.config import ADAPTERHUB_IA3, AdapterError, detect_kind
+from adapters.config import ADAPTERHUB_IA3, ADAPTERHUB_LORA, AdapterError, detect_kind
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "adapterhub"
 OUT = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 128, "up_proj": 128, "down_proj": 64}
@@ -58,9 +58,8 @@ def test_refusals_name_the_option(tmp_path, options, match):
         load_adapterhub_ia3(str(edited(tmp_path, **options)), OUT, 3)
 
 
-def test_additive_adapterhub_lora_is_refused_by_kind(tmp_path):
-    with pytest.raises(AdapterError, match="architecture 'lora' is not supported unless composition_mode"):
-        detect_kind(str(edited(tmp_path, composition_mode="add")))
+def test_additive_adapterhub_lora_is_another_kind(tmp_path):
+    assert detect_kind(str(edited(tmp_path, composition_mode="add"))) == ADAPTERHUB_LORA
 
 
 def test_shape_mismatch(tmp_path):

@@ -9,7 +9,7 @@ import transformers
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
-from adapters.config import (BOTTLENECK, IA3, LORA, P_TUNING, PREFIX_TUNING, PROMPT_TUNING, AdaLoraConfig,
+from adapters.config import (ADAPTERHUB_LORA, BOTTLENECK, IA3, LORA, P_TUNING, PREFIX_TUNING, PROMPT_TUNING, AdaLoraConfig,
                              AdapterError, BottleneckConfig, IA3Config, LoraConfig, PromptLearningConfig,
                              detect_kind, load_config, pattern_key)
 from tests.tiny_models import COMMON
@@ -77,8 +77,10 @@ def test_adapterhub_bottleneck(tmp_path):
     old = dict(ADAPTERHUB, config={k: v for k, v in ADAPTERHUB["config"].items() if k != "architecture"})
     assert detect_kind(write(tmp_path, old, "old")) == BOTTLENECK
     lora = dict(ADAPTERHUB, config={"architecture": "lora", "r": 8, "alpha": 8})
-    with pytest.raises(AdapterError, match="architecture 'lora' is not supported"):
-        detect_kind(write(tmp_path, lora, "lora"))
+    assert detect_kind(write(tmp_path, lora, "lora")) == ADAPTERHUB_LORA
+    odd = dict(ADAPTERHUB, config={"architecture": "lora", "r": 8, "alpha": 8, "composition_mode": "mul"})
+    with pytest.raises(AdapterError, match="architecture 'lora' with composition_mode 'mul' is not supported"):
+        detect_kind(write(tmp_path, odd, "odd"))
 
 
 @pytest.mark.parametrize("content, needle", [
