@@ -10,6 +10,7 @@ from adapters.adapterhub_prefix import AdapterHubPrefixRuntime
 from adapters.bitfit_runtime import BitFitRuntime
 from adapters.bottleneck_runtime import BottleneckRuntime
 from adapters.fusion_runtime import FusionRuntime
+from adapters.gated_bottleneck import GatedBottleneckRuntime
 from adapters.ia3_runtime import IA3Runtime
 from adapters.interface import AdapterRuntime, AdaptableModel
 from adapters.lora_runtime import LoraRuntime
@@ -21,5 +22,5 @@ def make_runtimes(model: AdaptableModel) -> list[AdapterRuntime]:
     """One instance of each runtime on `model`, in the order their hooks run."""
     runtimes = [LoraRuntime(model), PrefixRuntime(model), AdapterHubPrefixRuntime(model), IA3Runtime(model),
                 BitFitRuntime(model), BottleneckRuntime(model), FusionRuntime(model),
-                AdapterHubLoraRuntime(model)]
+                AdapterHubLoraRuntime(model), GatedBottleneckRuntime(model)]
     return [*runtimes, UnionRuntime(runtimes)]

@@ -24,6 +24,7 @@ PROMPT_TUNING = "prompt_tuning"
 P_TUNING = "p_tuning"
 IA3 = "ia3"
 BOTTLENECK = "bottleneck"
+BOTTLENECK_GATED = "bottleneck_gated"  # AdapterHub bottleneck with use_gating (UniPELT's SeqBn), gate taken at prefill
 ADAPTERHUB_IA3 = "adapterhub_ia3"      # AdapterHub's IA3Config: architecture "lora", composition_mode "scale"
 ADAPTERHUB_LORA = "adapterhub_lora"    # AdapterHub's LoRAConfig: architecture "lora", composition_mode "add"
 ADAPTERHUB_LORA_GATED = "adapterhub_lora_gated"   # the same with use_gating (UniPELT's gate, taken at prefill)
@@ -305,13 +306,13 @@ def is_fusion_dir(adapter_dir: str) -> bool:
 
 def adapterhub_kind(config: dict, source: str = CONFIG_NAME) -> str:
     """The kind serving an AdapterHub method config (an adapter_config.json's "config", or one of a union's
-    "configs"): BOTTLENECK, ADAPTERHUB_IA3, ADAPTERHUB_LORA(_GATED), ADAPTERHUB_PREFIX or ADAPTERHUB_UNION;
+    "configs"): BOTTLENECK(_GATED), ADAPTERHUB_IA3, ADAPTERHUB_LORA(_GATED), ADAPTERHUB_PREFIX or ADAPTERHUB_UNION;
     AdapterError for others."""
     if not isinstance(config, dict):
         raise AdapterError(f"{source}: an AdapterHub method config must be a JSON object, got {config!r}")
     arch = config.get("architecture")
     if arch in (None, "bottleneck"):
-        return BOTTLENECK
+        return BOTTLENECK_GATED if config.get("use_gating") else BOTTLENECK
     if arch == "lora" and config.get("composition_mode") == "scale":
         return ADAPTERHUB_IA3
     if arch == "lora" and config.get("composition_mode", "add") == "add":
@@ -328,7 +329,7 @@ def adapterhub_kind(config: dict, source: str = CONFIG_NAME) -> str:
 
 def detect_kind(adapter_dir: str) -> str:
     """LORA (LoRA, DoRA, AdaLoRA), PREFIX_TUNING, PROMPT_TUNING, P_TUNING, IA3, or for AdapterHub checkpoints
-    BOTTLENECK (SeqBn / DoubleSeqBn / ParBn), ADAPTERHUB_IA3, ADAPTERHUB_LORA, ADAPTERHUB_LORA_GATED,
+    BOTTLENECK (SeqBn / DoubleSeqBn / ParBn), BOTTLENECK_GATED, ADAPTERHUB_IA3, ADAPTERHUB_LORA(_GATED),
     ADAPTERHUB_PREFIX or ADAPTERHUB_UNION; a directory with only an adapter_fusion_config.json is
     ADAPTERHUB_FUSION."""
     if is_fusion_dir(adapter_dir):
@@ -352,7 +353,7 @@ def load_config(adapter_dir: str):
     kind = detect_kind(adapter_dir)
     d = read_config_json(adapter_dir)
     source = os.path.join(adapter_dir, CONFIG_NAME)
-    if kind in (BOTTLENECK, ADAPTERHUB_IA3, ADAPTERHUB_LORA, ADAPTERHUB_LORA_GATED, ADAPTERHUB_PREFIX,
-                ADAPTERHUB_UNION):
+    if kind in (BOTTLENECK, BOTTLENECK_GATED, ADAPTERHUB_IA3, ADAPTERHUB_LORA, ADAPTERHUB_LORA_GATED,
+                ADAPTERHUB_PREFIX, ADAPTERHUB_UNION):
         return BottleneckConfig.from_dict(d, source)
     return CONFIG_CLASSES[str(d["peft_type"]).upper()].from_dict(d, source)

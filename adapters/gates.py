@@ -48,15 +48,16 @@ def gated_requests(layout: StepLayout, runtime_name: str, slots: set[int]) -> li
     return out
 
 
-def request_gate(x: torch.Tensor, request: GatedRequest, key, weight: torch.Tensor,
+def request_gate(x_rows: torch.Tensor, request: GatedRequest, key, weight: torch.Tensor,
                  bias: torch.Tensor) -> torch.Tensor:
-    """The request's g [heads] for gate `key`: stored, or taken now over its rows of x [T, in] (its prompt)."""
+    """The request's g [heads] for gate `key`: stored, or taken now over x_rows [N, in] (the gate's input on
+    the request's rows: its whole prompt, at its first prefill)."""
     g = request.gates.get(key)
     if g is None:
         if request.start != 0:
             raise RuntimeError(f"gate {key} of a request is missing after its first prefill")
-        logits = x[request.rows].float() @ weight.float().T + bias.float()
-        g = request.gates[key] = torch.sigmoid(logits).mean(dim=0).to(x.dtype)
+        logits = x_rows.float() @ weight.float().T + bias.float()
+        g = request.gates[key] = torch.sigmoid(logits).mean(dim=0).to(x_rows.dtype)
     return g
 
 
@@ -71,7 +72,7 @@ def gate_rows(x: torch.Tensor, requests: list[GatedRequest], layer: int, key,
         gate = gate_of(request.slot)
         if gate is None:
             continue
-        g = request_gate(x, request, key, *gate)
+        g = request_gate(x[request.rows], request, key, *gate)
         if col is None:
             col = x.new_ones(x.shape[0], g.shape[0])
         col[request.rows] = g
