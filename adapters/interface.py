@@ -12,6 +12,7 @@ at `meta.adapters[runtime.name]`. Hook points, in forward order:
     on_embed(h, meta)                                     token embeddings, before layer 0
     on_linear_input(x, meta, linear) -> x                 a linear's input, before its matmul
     on_linear(x, y, meta, linear)                         a linear's output (y modified in place)
+    on_kv(x, k_cache, v_cache, meta, layer)               in attention, after q/k/v, before the cache is read
     on_sublayer(name, x, residual, out, h, meta, layer)   after a decoder layer's "attention" / "mlp" sub-layer
     virtual_kv(weights) -> PrefixKV | VirtualTokens       K/V as data: the engine owns the blocks and writes them
 
@@ -77,6 +78,9 @@ class StepItem:
     # preemption, shared by its forked samples, dropped when it ends). None: runtimes keep nothing.
     state: dict | None = None
     start: int = 0                  # tokens of the sequence computed before this step (its first row's index)
+    # flat KV-cache rows (block * block_size + offset) of its virtual tokens when they are its own copies
+    # (`whole_prompt` kinds with a prefix: a gated prefix scales them), else None
+    virtual_slots: list[int] | None = None
 
 
 @dataclass
@@ -115,9 +119,10 @@ class StepHooks:
     linear_input: list[Callable] = field(default_factory=list)
     linear: list[Callable] = field(default_factory=list)
     sublayer: list[Callable] = field(default_factory=list)
+    kv: list[Callable] = field(default_factory=list)
 
     def add(self, runtime: AdapterRuntime) -> None:
-        for point in ("embed", "linear_input", "linear", "sublayer"):
+        for point in ("embed", "linear_input", "linear", "sublayer", "kv"):
             hook = getattr(runtime, f"on_{point}")
             if hook is not None:
                 getattr(self, point).append(hook)
@@ -225,3 +230,8 @@ class AdapterRuntime:
     #               (Houlsby / Pfeiffer / parallel bottleneck adapters: h[rows] = f(out, residual)[rows])
     # Hooks must not modify x, residual or out.
     on_sublayer: Callable | None = None
+    # on_kv(x [T, hidden], k_cache, v_cache, meta, layer: int) -> None, in decoder layer `layer`'s attention after
+    # q / k / v are computed and before the KV cache is written and read; x is the attention's input (after
+    # input_layernorm); k_cache, v_cache: that layer's [num_blocks, block_size, num_kv_heads, head_dim], which the
+    # hook may modify in the rows of its requests' own virtual tokens (StepItem.virtual_slots) only.
+    on_kv: Callable | None = None

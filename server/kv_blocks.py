@@ -7,6 +7,10 @@ reference each when it is (re-)admitted, then its own tokens from block `len(pre
 to the free list when its count drops to zero; the adapter holds one reference to its prefix blocks while it is
 installed, so a prefix outlives neither its adapter nor its last sequence.
 
+A sequence whose adapter takes values over its whole prompt (`seq.whole_prompt`: UniPELT's gated prefix scales
+the prefix's keys and values per request) gets its own copies of the prefix blocks at each (re-)admission, copied
+like copy-on-write blocks before its first step; the adapter's runtime rescales them at that step.
+
 The `n` samples of one prompt share its blocks too (`fork`): one prefill, then each sample's table points at the
 same blocks. A sample's next token going into a block someone else still references gets a private copy first
 (copy-on-write in `allocate`, at most one block: the prompt's last, partial one); the copies are queued as
@@ -65,8 +69,8 @@ class BlockManager:
         if seq.block_table:
             copy = self._shared_write_block(seq) is not None
             return max(0, own + seq.num_prefix_blocks - len(seq.block_table)) + copy
-        if seq.num_virtual_tokens and self.prefix_of(seq) is None:
-            return own + cdiv(seq.num_virtual_tokens, self.block_size)
+        if seq.num_virtual_tokens and (seq.whole_prompt or self.prefix_of(seq) is None):
+            return own + cdiv(seq.num_virtual_tokens, self.block_size)     # installing it, or its private copy
         return own
 
     def can_allocate(self, num_blocks: int) -> bool:
@@ -106,6 +110,12 @@ class BlockManager:
                 self.ref_counts[block] += 1
             seq.prefix = prefix
             seq.block_table.extend(prefix.blocks)
+            if seq.whole_prompt:            # its own copy of the prefix blocks (a gated prefix scales them)
+                for i, block in enumerate(prefix.blocks):
+                    seq.block_table[i] = self._take_free()
+                    self.ref_counts[block] -= 1
+                    self.copies.append((block, seq.block_table[i]))
+                needed -= len(prefix.blocks)
         shared = self._shared_write_block(seq)
         if shared is not None:                                   # copy-on-write
             block = self._take_free()

@@ -85,7 +85,8 @@ class ModelRunner:
         )
         if any(item.seq.adapter is not None for item in order):
             layout = StepLayout([StepItem(item.seq.adapter, row, item.num_tokens, item.seq.first_adapter_layer,
-                                          item.is_last_chunk, item.seq.adapter_state, item.seq.num_computed_tokens)
+                                          item.is_last_chunk, item.seq.adapter_state, item.seq.num_computed_tokens,
+                                          _own_virtual_slots(item.seq, bs))
                                  for item, row in zip(order, rows)])
             for runtime in self.adapter_runtimes:
                 view = runtime.step_view(layout)
@@ -176,6 +177,16 @@ class AttnMember:
             return cls(row, item.num_tokens, seq.num_computed_tokens, seq.block_table)
         return cls(row, item.num_tokens, len(prefix.blocks) * block_size + seq.num_computed_tokens,
                    seq.block_table, prefix.pad, prefix.num_tokens, seq.first_adapter_layer)
+
+
+def _own_virtual_slots(seq, block_size: int) -> list[int] | None:
+    """Flat KV rows of the virtual tokens of a sequence holding its own copy of its prefix (seq.whole_prompt)."""
+    prefix = seq.prefix
+    if prefix is None or not seq.whole_prompt:
+        return None
+    table = seq.block_table
+    return [table[s // block_size] * block_size + s % block_size
+            for s in range(prefix.pad, prefix.pad + prefix.num_tokens)]
 
 
 def batch_order_key(item: ScheduledSeq):

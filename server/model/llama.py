@@ -93,6 +93,8 @@ class Attention(nn.Module):
         qk = rotate(qkv[:, :s.q_size + s.kv_size].view(-1, s.num_heads + s.num_kv_heads, s.head_dim), cos, sin)
         q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
         v = qkv[:, s.q_size + s.kv_size:].view(-1, s.num_kv_heads, s.head_dim)
+        for hook in meta.hooks.kv:            # gated prefixes rescale their requests' own prefix copies
+            hook(x, kv.k[self.layer], kv.v[self.layer], meta, self.layer)
         o = paged_attention(q, k, v, kv.k[self.layer], kv.v[self.layer], meta.slot_mapping, meta.groups(self.layer),
                             self.window, self.scale)
         return self.o_proj(o, meta)
