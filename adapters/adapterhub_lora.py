@@ -76,6 +76,11 @@ def load_adapterhub_lora(adapter_dir: str, num_layers: int, base_weight: BaseWei
                                 os.path.join(adapter_dir, CONFIG_NAME), file)
 
 
+def take_lora_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pop the LoRA tensors (model.layers.N.<block>.<module>.loras.*) out of `tensors`: a union's LoRA part."""
+    return {key: tensors.pop(key) for key in list(tensors) if _KEY.match(key)}
+
+
 def adapterhub_lora_from(config, tensors: dict[str, torch.Tensor], path: str, num_layers: int,
                          base_weight: BaseWeight, source: str, file: str) -> AdapterHubLora:
     """The LoRA of an AdapterHub "config" object and its tensors (only LoRA keys: a union's caller picks them).

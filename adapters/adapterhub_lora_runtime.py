@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from adapters.adapterhub_lora import AdapterHubLora, Gate, load_adapterhub_lora
+from adapters.adapterhub_lora import (AdapterHubLora, Gate, adapterhub_lora_from, load_adapterhub_lora,
+                                      take_lora_tensors)
 from adapters.config import ADAPTERHUB_LORA, ADAPTERHUB_LORA_GATED
 from adapters.gates import GatedRequest, gate_rows, gated_requests
 from adapters.interface import AdaptableModel, LinearSite, StepLayout
@@ -38,6 +39,11 @@ class AdapterHubLoraRuntime(LoraRuntime):
 
     def load(self, path: str) -> AdapterHubLora:
         return load_adapterhub_lora(path, self.model.spec.num_layers, self.model.base_weight)
+
+    def load_part(self, path: str, config: dict, tensors: dict[str, torch.Tensor], source: str) -> AdapterHubLora:
+        """The LoRA part of a union adapter (UniPELT)."""
+        return adapterhub_lora_from(config, take_lora_tensors(tensors), path, self.model.spec.num_layers,
+                                    self.model.base_weight, source, path)
 
     def install(self, slot: int, adapter: AdapterHubLora) -> None:
         super().install(slot, adapter)

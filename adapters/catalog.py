@@ -11,6 +11,7 @@ from adapters.bitfit_runtime import BitFitRuntime
 from adapters.bottleneck_runtime import BottleneckRuntime
 from adapters.fusion_runtime import FusionRuntime
 from adapters.gated_bottleneck import GatedBottleneckRuntime
+from adapters.gated_prefix import GatedPrefixRuntime
 from adapters.ia3_runtime import IA3Runtime
 from adapters.interface import AdapterRuntime, AdaptableModel
 from adapters.lora_runtime import LoraRuntime
@@ -22,5 +23,5 @@ def make_runtimes(model: AdaptableModel) -> list[AdapterRuntime]:
     """One instance of each runtime on `model`, in the order their hooks run."""
     runtimes = [LoraRuntime(model), PrefixRuntime(model), AdapterHubPrefixRuntime(model), IA3Runtime(model),
                 BitFitRuntime(model), BottleneckRuntime(model), FusionRuntime(model),
-                AdapterHubLoraRuntime(model), GatedBottleneckRuntime(model)]
+                AdapterHubLoraRuntime(model), GatedBottleneckRuntime(model), GatedPrefixRuntime(model)]
     return [*runtimes, UnionRuntime(runtimes)]

@@ -31,6 +31,7 @@ ADAPTERHUB_LORA_GATED = "adapterhub_lora_gated"   # the same with use_gating (Un
 BITFIT = "bitfit"                      # our format (README "BitFit adapters"): peft_type "BITFIT"
 ADAPTERHUB_FUSION = "adapterhub_fusion"  # AdapterHub AdapterFusion over loaded bottleneck adapters (fusion.py)
 ADAPTERHUB_PREFIX = "adapterhub_prefix"    # AdapterHub's PrefixTuningConfig: architecture "prefix_tuning"
+ADAPTERHUB_PREFIX_GATED = "adapterhub_prefix_gated"   # the same with use_gating (UniPELT), gate taken at prefill
 ADAPTERHUB_UNION = "adapterhub_union"      # AdapterHub's ConfigUnion (MAM, ...): architecture "union"
 
 PEFT_KINDS = {"LORA": LORA, "ADALORA": LORA, "PREFIX_TUNING": PREFIX_TUNING, "PROMPT_TUNING": PROMPT_TUNING,
@@ -306,7 +307,8 @@ def is_fusion_dir(adapter_dir: str) -> bool:
 
 def adapterhub_kind(config: dict, source: str = CONFIG_NAME) -> str:
     """The kind serving an AdapterHub method config (an adapter_config.json's "config", or one of a union's
-    "configs"): BOTTLENECK(_GATED), ADAPTERHUB_IA3, ADAPTERHUB_LORA(_GATED), ADAPTERHUB_PREFIX or ADAPTERHUB_UNION;
+    "configs"): BOTTLENECK(_GATED), ADAPTERHUB_IA3, ADAPTERHUB_LORA(_GATED), ADAPTERHUB_PREFIX(_GATED) or
+    ADAPTERHUB_UNION;
     AdapterError for others."""
     if not isinstance(config, dict):
         raise AdapterError(f"{source}: an AdapterHub method config must be a JSON object, got {config!r}")
@@ -318,7 +320,7 @@ def adapterhub_kind(config: dict, source: str = CONFIG_NAME) -> str:
     if arch == "lora" and config.get("composition_mode", "add") == "add":
         return ADAPTERHUB_LORA_GATED if config.get("use_gating") else ADAPTERHUB_LORA
     if arch == "prefix_tuning":
-        return ADAPTERHUB_PREFIX
+        return ADAPTERHUB_PREFIX_GATED if config.get("use_gating") else ADAPTERHUB_PREFIX
     if arch == "union":
         return ADAPTERHUB_UNION
     mode = f" with composition_mode {config.get('composition_mode')!r}" if arch == "lora" else ""
@@ -330,7 +332,7 @@ def adapterhub_kind(config: dict, source: str = CONFIG_NAME) -> str:
 def detect_kind(adapter_dir: str) -> str:
     """LORA (LoRA, DoRA, AdaLoRA), PREFIX_TUNING, PROMPT_TUNING, P_TUNING, IA3, or for AdapterHub checkpoints
     BOTTLENECK (SeqBn / DoubleSeqBn / ParBn), BOTTLENECK_GATED, ADAPTERHUB_IA3, ADAPTERHUB_LORA(_GATED),
-    ADAPTERHUB_PREFIX or ADAPTERHUB_UNION; a directory with only an adapter_fusion_config.json is
+    ADAPTERHUB_PREFIX(_GATED) or ADAPTERHUB_UNION; a directory with only an adapter_fusion_config.json is
     ADAPTERHUB_FUSION."""
     if is_fusion_dir(adapter_dir):
         return ADAPTERHUB_FUSION
@@ -354,6 +356,6 @@ def load_config(adapter_dir: str):
     d = read_config_json(adapter_dir)
     source = os.path.join(adapter_dir, CONFIG_NAME)
     if kind in (BOTTLENECK, BOTTLENECK_GATED, ADAPTERHUB_IA3, ADAPTERHUB_LORA, ADAPTERHUB_LORA_GATED,
-                ADAPTERHUB_PREFIX, ADAPTERHUB_UNION):
+                ADAPTERHUB_PREFIX, ADAPTERHUB_PREFIX_GATED, ADAPTERHUB_UNION):
         return BottleneckConfig.from_dict(d, source)
     return CONFIG_CLASSES[str(d["peft_type"]).upper()].from_dict(d, source)
