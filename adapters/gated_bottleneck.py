@@ -70,7 +70,7 @@ def gated_bottleneck_from(path: str, config, tensors: dict[str, torch.Tensor], s
         ctx = f"{file}: layer {layer} {pos}"
         w, b = params.pop("gate.weight", None), params.pop("gate.bias", None)
         if w is None or b is None or w.dim() != 2 or w.shape[1] != hidden or b.shape != (w.shape[0],):
-            raise AdapterError(f"{ctx}: use_gating needs gate.weight [heads, {hidden}] and gate.bias [heads]")
+            raise AdapterError(f"{ctx}: use_gating=True needs gate.weight [heads, {hidden}] and gate.bias [heads]")
         out.gates[(layer, pos)] = Gate(w.float(), b.float())
         out.adapter.modules[(layer, pos)] = _module(params, math_, config.get("scaling", 1.0), hidden, ctx, None)
     return out

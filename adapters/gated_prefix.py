@@ -80,8 +80,8 @@ class GatedPrefixRuntime(AdapterRuntime):
         kv = self.prefix.load_part(path, {k: v for k, v in config.items() if k != "use_gating"}, tensors, source)
         hidden, num_layers = self.model.spec.hidden_size, self.model.spec.num_layers
         if sorted(raw) != list(range(num_layers)):
-            raise AdapterError(f"{source}: use_gating needs a prefix gate in each of the {num_layers} layers, "
-                               f"found layers {sorted(raw)}")
+            raise AdapterError(f"{source}: use_gating=True needs a prefix gate (prefix_gates) in each of the "
+                               f"{num_layers} layers, found layers {sorted(raw)}")
         gates = {}
         for layer, p in raw.items():
             w, b = p.get("weight"), p.get("bias")

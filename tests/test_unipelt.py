@@ -94,3 +94,22 @@ def test_mixed_batch_equals_solo(fixture, peft_adapters):
         if case == "unipelt":
             i = fixture.prompts.index(prompt)
             torch.testing.assert_close(got_l[0], fixture.expected("unipelt", i)[1][0], atol=ATOL, rtol=0)
+
+
+def test_forked_samples_share_the_prompts_gates(fixture):
+    """n = 3 greedy samples of a gated request fork after its prefill and keep its gates: each equals one request."""
+    from collections import defaultdict
+
+    from server.sampling import SamplingParams
+    engine = engine_with(fixture)
+    prompt = fixture.prompts[1]
+    want = engine.generate([prompt], SamplingParams(max_tokens=fixture.max_new, temperature=0.0, ignore_eos=True),
+                           ["unipelt"])[0]
+    engine.add_request("forked", prompt, SamplingParams(max_tokens=fixture.max_new, temperature=0.0, n=3,
+                                                        ignore_eos=True), "unipelt")
+    samples = defaultdict(list)
+    while engine.has_unfinished():
+        for out in engine.step():
+            samples[out.index].extend(out.token_ids)
+    assert len(samples) == 3 and all(tokens == want for tokens in samples.values())
+    assert engine.num_prefill_tokens == 2 * len(prompt)        # one prefill per request, none per sample

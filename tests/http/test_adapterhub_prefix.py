@@ -24,7 +24,7 @@ ADAPTERS = {"prefix": "adapterhub_prefix", "prefix_flat": "adapterhub_prefix", "
 def hub(tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("hub-prefix-http")
     fixture = Fixture("llama", tokenizer_dir, root)
-    gated = root / "adapters" / "gated"                 # a prefix with UniPELT's gate: refused
+    gated = root / "adapters" / "gated"     # use_gating without the gate tensors: refused (tests/test_unipelt.py)
     shutil.copytree(fixture.dir / "prefix", gated)
     d = json.loads((gated / "adapter_config.json").read_text())
     d["config"]["use_gating"] = True
