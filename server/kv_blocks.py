@@ -69,8 +69,9 @@ class BlockManager:
         if seq.block_table:
             copy = self._shared_write_block(seq) is not None
             return max(0, own + seq.num_prefix_blocks - len(seq.block_table)) + copy
-        if seq.num_virtual_tokens and (seq.whole_prompt or self.prefix_of(seq) is None):
-            return own + cdiv(seq.num_virtual_tokens, self.block_size)     # installing it, or its private copy
+        if seq.num_virtual_tokens:         # installing the prefix takes its blocks; a private copy as many again
+            prefix = cdiv(seq.num_virtual_tokens, self.block_size)
+            return own + prefix * ((self.prefix_of(seq) is None) + seq.whole_prompt)
         return own
 
     def can_allocate(self, num_blocks: int) -> bool:
