@@ -10,6 +10,8 @@ Both solo and in one staggered, chunked batch with PEFT LoRA, an AdapterHub bott
 """
 from __future__ import annotations
 
+from collections import defaultdict
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from adapters.config import (ADAPTERHUB_LORA, ADAPTERHUB_LORA_GATED, ADAPTERHUB_
                              ADAPTERHUB_UNION, BOTTLENECK, BOTTLENECK_GATED, detect_kind)
 from server.config import EngineConfig
 from server.engine import LLMEngine
+from server.sampling import SamplingParams
 from tests.test_adapterhub_vs_fixtures import Fixture, peft_adapters, run  # noqa: F401 (fixture)
 from tests.test_model_vs_hf import ATOL
 
@@ -98,9 +101,6 @@ def test_mixed_batch_equals_solo(fixture, peft_adapters):
 
 def test_forked_samples_share_the_prompts_gates(fixture):
     """n = 3 greedy samples of a gated request fork after its prefill and keep its gates: each equals one request."""
-    from collections import defaultdict
-
-    from server.sampling import SamplingParams
     engine = engine_with(fixture)
     prompt = fixture.prompts[1]
     want = engine.generate([prompt], SamplingParams(max_tokens=fixture.max_new, temperature=0.0, ignore_eos=True),

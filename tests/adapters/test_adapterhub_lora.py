@@ -17,14 +17,14 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from adapters.config import ADAPTERHUB_LORA, ADAPTERHUB_LORA_GATED, AdapterError, detect_kind
+from server.config import EngineConfig
+from server.engine import LLMEngine
 from server.errors import ParamError
+from server.sampling import SamplingParams
 from tests.peft_fixtures import greedy_full_forward, load_peft, save_adapter
 from tests.test_adapterhub_vs_fixtures import Fixture, run
 from tests.test_model_vs_hf import ATOL
 from tests.tiny_models import load_hf
-
-from server.config import EngineConfig
-from server.engine import LLMEngine
 
 MODULES = ["q_proj", "v_proj", "down_proj"]
 MAX_NEW = 6
@@ -180,14 +180,10 @@ def test_prefix_cache_never_reuses_gated_blocks(setup):
 def test_gated_prompt_must_fit_one_step(setup):
     fixture, dirs, _, _ = setup
     e = engine(fixture, dirs, max_num_batched_tokens=8)
+    params = SamplingParams(max_tokens=2, temperature=0.0)
     with pytest.raises(ParamError, match="max_num_batched_tokens is 8"):
-        e.add_request("long", list(range(10, 19)), e_params(), "ah_gated")
-    e.add_request("ok", list(range(10, 19)), e_params(), "ah_lora")      # ungated: chunked as usual
-
-
-def e_params():
-    from server.sampling import SamplingParams
-    return SamplingParams(max_tokens=2, temperature=0.0)
+        e.add_request("long", list(range(10, 19)), params, "ah_gated")
+    e.add_request("ok", list(range(10, 19)), params, "ah_lora")      # ungated: chunked as usual
 
 
 @pytest.mark.parametrize("edit, match", [({"use_dora": True}, "use_dora=True"), ({"r": 0}, "positive integer"),
