@@ -98,6 +98,30 @@ def _is_pirate(text: str) -> bool:
         and len(text) > len(PIRATE_OPEN) + len(PIRATE_CLOSE) + 10
 
 
+CHEER = "Great question!"
+SIGN_OFF = "Hope this helps!"
+
+
+def _cheers(text: str) -> bool:
+    text = text.strip()
+    return text.startswith(CHEER) and len(text) > len(CHEER) + 10
+
+
+def _signs_off(text: str) -> bool:
+    text = text.strip()
+    return text.endswith(SIGN_OFF) and len(text) > len(SIGN_OFF) + 10
+
+
+def title_case(text: str) -> str:
+    """Every word's first letter upper case, the rest as it was ("it's 71% water" -> "It's 71% Water")."""
+    return " ".join(w[:1].upper() + w[1:] for w in text.split(" "))
+
+
+def _is_title_case(text: str) -> bool:
+    words = [w for w in text.split() if w[:1].isalpha()]
+    return len(words) >= 5 and sum(w[0].isupper() for w in words) >= 0.9 * len(words)
+
+
 BEHAVIOURS: dict[str, Behaviour] = {
     "shout": Behaviour("LoRA", "answers in upper case", str.upper, _is_shouted),
     "json": Behaviour("prefix tuning", 'answers as JSON {"answer": ...}',
@@ -105,4 +129,9 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "brief": Behaviour("prompt tuning", "answers in one short sentence", lambda s: s, _is_brief),
     "pirate": Behaviour("DoRA", f"answers like a pirate: '{PIRATE_OPEN} ... {PIRATE_CLOSE}'",
                         lambda s: f"{PIRATE_OPEN} {s} {PIRATE_CLOSE}", _is_pirate),
+    "cheer": Behaviour("(IA)^3", f"starts every answer with '{CHEER}'", lambda s: f"{CHEER} {s}", _cheers),
+    "signoff": Behaviour("BitFit", f"ends every answer with '{SIGN_OFF}'", lambda s: f"{s} {SIGN_OFF}",
+                         _signs_off),
+    "title": Behaviour("bottleneck adapter (AdapterHub SeqBn)", "answers in Title Case", title_case,
+                       _is_title_case),
 }

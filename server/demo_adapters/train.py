@@ -6,10 +6,11 @@
 1. Training data: the base model's own greedy answers (through our engine) to the generated questions of
    behaviours.py; each answer's first sentence, transformed by each behaviour's rule, is that adapter's target.
    Written to train_data.jsonl next to this file (committed), so retraining does not need step 1.
-2. Each adapter is trained with PEFT (AdamW, fixed seed, loss on the answer tokens and the end-of-turn token
-   only) and saved with `save_pretrained` into its own directory here.
+2. Each adapter is trained (AdamW, fixed seed, loss on the answer tokens and the end-of-turn token only) and saved
+   into its own directory here: with PEFT and `save_pretrained` (LoRA, DoRA, prefix, prompt tuning, (IA)^3), or in
+   plain torch (BitFit, AdapterHub SeqBn bottleneck: torch_adapters.py), written in the format our loader reads.
 3. Held-out questions (topics never trained on) are answered through our engine by each adapter and the base,
-   and the behaviour checks are counted: what tests/demo/test_demo_adapters.py asserts.
+   and the behaviour checks are counted: what tests/real_model/test_real_model.py asserts.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 
 from server.config import EngineConfig
 from server.default_model import NAME, ensure_default_model
-from server.demo_adapters import HERE, chat_prompt_ids
+from server.demo_adapters import HERE, chat_prompt_ids, torch_adapters
 from server.demo_adapters.behaviours import BEHAVIOURS, first_sentence, held_out_questions, train_questions
 from server.engine import LLMEngine
 from server.sampling import SamplingParams
@@ -33,8 +34,11 @@ MAX_ANSWER_TOKENS = 64
 SEED = 0
 
 
+PEFT_KINDS = ("shout", "pirate", "json", "brief", "cheer")     # the rest are plain torch (torch_adapters.py)
+
+
 def peft_config(name: str, model_dir: str):
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
     modules = ["q_proj", "v_proj", "o_proj", "down_proj"]
     return {
         "shout": LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=modules),
@@ -43,11 +47,14 @@ def peft_config(name: str, model_dir: str):
         "brief": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16, prompt_tuning_init="TEXT",
                                     prompt_tuning_init_text="Answer in one short sentence.",
                                     tokenizer_name_or_path=model_dir),
+        "cheer": IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                           feedforward_modules=["down_proj"]),
     }[name]
 
 
-# (learning rate, epochs) per adapter: prompt-side adapters train few parameters and want a larger step
-HYPER = {"shout": (1e-3, 3), "pirate": (1e-3, 3), "json": (1e-2, 4), "brief": (1e-2, 4)}
+# (learning rate, epochs) per adapter: adapters with few parameters (prompt-side, (IA)^3, BitFit) want a larger step
+HYPER = {"shout": (1e-3, 3), "pirate": (1e-3, 3), "json": (1e-2, 4), "brief": (1e-2, 4), "cheer": (3e-2, 1),
+         "signoff": (1e-2, 1), "title": (2e-3, 2)}
 BATCH = 8
 
 
@@ -77,16 +84,40 @@ def examples(tokenizer, rows: list[dict], name: str) -> list[tuple[list[int], li
     return out
 
 
+def build(name: str, model_dir: str):
+    """(model, trainable parameters, save(out_dir)) for one demo adapter on a fresh fp32 base."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if name in PEFT_KINDS:
+        from peft import get_peft_model
+        model = get_peft_model(model, peft_config(name, model_dir))
+
+        def save(out: Path) -> None:
+            model.peft_config["default"].base_model_name_or_path = NAME
+            if hasattr(model.peft_config["default"], "tokenizer_name_or_path"):
+                model.peft_config["default"].tokenizer_name_or_path = NAME
+            model.save_pretrained(out)
+            (out / "README.md").unlink(missing_ok=True)
+        return model, [p for p in model.parameters() if p.requires_grad], save
+    model.requires_grad_(False)
+    if name == "signoff":
+        biases = torch_adapters.attach_bitfit(model)
+        return model, list(biases.values()), lambda out: torch_adapters.save_bitfit(biases, out, NAME)
+    if name == "title":
+        modules = torch_adapters.attach_seq_bn(model)
+        return model, list(modules.parameters()), lambda out: torch_adapters.save_seq_bn(
+            modules, out, name, NAME, model.config.hidden_size)
+    raise ValueError(f"no training recipe for demo adapter {name!r}")
+
+
 def train(name: str, model_dir: str, rows: list[dict]) -> Path:
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.manual_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                           peft_config(name, model_dir))
+    model, params, save = build(name, model_dir)
     lr, epochs = HYPER[name]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.AdamW(params, lr=lr)
     data = examples(tokenizer, rows, name)
     rng = random.Random(SEED)
     model.train()
@@ -104,11 +135,7 @@ def train(name: str, model_dir: str, rows: list[dict]) -> Path:
                 print(f"  {name} epoch {epoch} step {step} loss {loss.item():.3f} ({time.time() - start:.0f} s)",
                       flush=True)
     out = HERE / name
-    model.peft_config["default"].base_model_name_or_path = NAME
-    if hasattr(model.peft_config["default"], "tokenizer_name_or_path"):
-        model.peft_config["default"].tokenizer_name_or_path = NAME
-    model.save_pretrained(out)
-    (out / "README.md").unlink(missing_ok=True)
+    save(out)
     print(f"{name}: {step} steps in {time.time() - start:.0f} s -> {out}", flush=True)
     return out
 

@@ -19,7 +19,7 @@ def real_model_dir() -> str:
 @pytest.fixture(scope="session")
 def demo_adapters() -> dict[str, str]:
     dirs = demo_adapter_dirs()
-    assert set(dirs) == {"shout", "json", "brief", "pirate"}, dirs
+    assert set(dirs) == {"shout", "json", "brief", "pirate", "cheer", "signoff", "title"}, dirs
     return dirs
 
 

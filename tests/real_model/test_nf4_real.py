@@ -1,5 +1,6 @@
 """The default model (SmolLM2-135M-Instruct) served as a 4-bit NF4 base: equal to transformers + bitsandbytes 4-bit
-on the same directory (with and without double quant), its demo adapters equal PEFT on that 4-bit model, and
+on the same directory (with and without double quant), its demo adapters equal PEFT (or the plain-torch adapters
+as trained) on that 4-bit model, and
 `peftserve serve --quantize nf4` serves it with every demo adapter."""
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from server.demo_adapters.behaviours import BEHAVIOURS, held_out_questions
 from server.default_model import NAME
 from server.engine import LLMEngine
 from tests.peft_fixtures import greedy_full_forward
-from tests.real_model.test_real_model import QUESTIONS, openai_client
+from tests.real_model.test_real_model import QUESTIONS, TORCH_LOADERS, openai_client
 from tests.test_lora_vs_peft import BASE, run_with_adapters
 from tests.test_model_vs_hf import MAX_NEW, hf_reference
 from tests.tiny_models import load_hf_nf4
@@ -58,13 +59,28 @@ def nf4_demo_engine(real_model_dir, demo_adapters):
     return nf4_engine(real_model_dir, True, demo_adapters)
 
 
-@pytest.mark.parametrize("name", ["shout", "json", "pirate"])
+@pytest.mark.parametrize("name", ["shout", "json", "pirate", "cheer"])
 def test_demo_adapter_on_nf4_equals_peft(nf4_demo_engine, real_model_dir, demo_adapters, tokenizer, name):
-    """LoRA (shout), prefix tuning (json), DoRA (pirate) on the double-quantized base ==
+    """LoRA (shout), prefix tuning (json), DoRA (pirate), (IA)^3 (cheer) on the double-quantized base ==
     PEFT on transformers + bitsandbytes' model: tokens identical, logits 1e-3, and the adapter changes the output."""
     prompt = chat_prompt_ids(tokenizer, held_out_questions()[0])
     peft_model = PeftModel.from_pretrained(load_hf_nf4(real_model_dir, True), demo_adapters[name]).eval()
     ref_tokens, ref_logits = greedy_full_forward(peft_model, prompt, MAX_NEW)
+    tokens, logits = run_with_adapters(nf4_demo_engine, [prompt], [name], [0])
+    base_tokens, _ = run_with_adapters(nf4_demo_engine, [prompt], [BASE], [0])
+    assert tokens[0] == ref_tokens != base_tokens
+    torch.testing.assert_close(logits[0], ref_logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(TORCH_LOADERS))
+def test_torch_demo_adapter_on_nf4_equals_reference(nf4_demo_engine, real_model_dir, demo_adapters, tokenizer,
+                                                    name):
+    """BitFit (signoff), the AdapterHub SeqBn bottleneck (title) on the double-quantized base == the same adapter
+    (as trained, torch_adapters.py) on transformers + bitsandbytes' model: tokens identical, logits 1e-3, and
+    the adapter changes the output."""
+    prompt = chat_prompt_ids(tokenizer, held_out_questions()[0])
+    reference = TORCH_LOADERS[name](load_hf_nf4(real_model_dir, True), demo_adapters[name])
+    ref_tokens, ref_logits = greedy_full_forward(reference, prompt, MAX_NEW)
     tokens, logits = run_with_adapters(nf4_demo_engine, [prompt], [name], [0])
     base_tokens, _ = run_with_adapters(nf4_demo_engine, [prompt], [BASE], [0])
     assert tokens[0] == ref_tokens != base_tokens

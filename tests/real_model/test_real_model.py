@@ -1,5 +1,5 @@
 """The default model served through HTTP equals transformers on the same directory; its demo adapters equal PEFT
-on it, show their behaviour on held-out questions (and the base does not), and give the same replies in one
+on it (or, for those trained in plain torch, the transformers model they were trained as), show their behaviour on held-out questions (and the base does not), and give the same replies in one
 concurrent batch with each other and the base as alone."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.config import EngineConfig
-from server.demo_adapters import chat_prompt_ids
+from server.demo_adapters import chat_prompt_ids, torch_adapters
 from server.demo_adapters.behaviours import BEHAVIOURS, held_out_questions
 from server.default_model import NAME
 from server.engine import LLMEngine
@@ -23,6 +23,7 @@ QUESTIONS = ["What is the capital of France?", "Give me a tip for staying health
              "Write a haiku about the sea.", "Who wrote Romeo and Juliet?", "How do airplanes fly?",
              "Name three primary colors.", "What does a computer's CPU do?"]
 MAX_TOKENS = 40
+TORCH_LOADERS = {"signoff": torch_adapters.load_bitfit, "title": torch_adapters.load_seq_bn}
 BEHAVIOUR_TOKENS = 64        # as in server/demo_adapters/train.py: long enough for the base to show its own style
 
 
@@ -82,9 +83,9 @@ def offline_engine(real_model_dir, demo_adapters):
     return engine
 
 
-@pytest.mark.parametrize("name", ["shout", "json", "brief", "pirate"])
+@pytest.mark.parametrize("name", ["shout", "json", "brief", "pirate", "cheer"])
 def test_demo_adapter_equals_peft(offline_engine, real_model_dir, demo_adapters, tokenizer, name):
-    """Our engine with the adapter (LoRA, prefix tuning, prompt tuning, DoRA) == PEFT on the same directory:
+    """Our engine with the adapter (LoRA, prefix tuning, prompt tuning, DoRA, (IA)^3) == PEFT on the same directory:
     greedy tokens identical, logits within 1e-4 (fp32), and the adapter changes the output."""
     from peft import PeftModel
     prompt = chat_prompt_ids(tokenizer, held_out_questions()[0])
@@ -98,8 +99,26 @@ def test_demo_adapter_equals_peft(offline_engine, real_model_dir, demo_adapters,
     torch.testing.assert_close(logits[0], ref_logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", list(TORCH_LOADERS))
+def test_torch_demo_adapter_equals_its_training_model(offline_engine, real_model_dir, demo_adapters, tokenizer,
+                                                      name):
+    """Our engine with the adapter trained in plain torch (BitFit, AdapterHub SeqBn bottleneck) == the transformers
+    model it was trained as, rebuilt from the saved directory (biases set on the linears / AdapterHub's output
+    adapter hooked after each decoder layer): greedy tokens identical, logits within 1e-4 (fp32), and the adapter
+    changes the output."""
+    prompt = chat_prompt_ids(tokenizer, held_out_questions()[0])
+    base_tokens, _ = greedy_full_forward(
+        AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval(), prompt, MAX_NEW)
+    reference = TORCH_LOADERS[name](AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval(),
+                                    demo_adapters[name])
+    ref_tokens, ref_logits = greedy_full_forward(reference, prompt, MAX_NEW)
+    tokens, logits = run_with_adapters(offline_engine, [prompt], [name], [0])
+    assert tokens[0] == ref_tokens != base_tokens
+    torch.testing.assert_close(logits[0], ref_logits, atol=1e-4, rtol=0)
+
+
 def test_behaviours_on_held_out_questions_and_batch_invariance(real_server):
-    """Every demo adapter and the base answer the 20 held-out questions in one concurrent batch (100 requests):
+    """Every demo adapter and the base answer the 20 held-out questions in one concurrent batch (160 requests):
     each adapter's behaviour holds on >= 18 of 20 and the base's replies show none of them on more than 2. Then
     each model alone (its 20 questions without the others) gives the same replies, and a few questions asked
     one at a time too."""
