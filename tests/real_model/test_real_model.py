@@ -1,6 +1,7 @@
 """The default model served through HTTP equals transformers on the same directory; its demo adapters equal PEFT
-on it (or, for those trained in plain torch, the transformers model they were trained as), show their behaviour on held-out questions (and the base does not), and give the same replies in one
-concurrent batch with each other and the base as alone."""
+on it (or, for those trained in plain torch, the transformers model they were trained as), show their behaviour
+on held-out questions (and the base does not), and give the same replies in one concurrent batch with each other
+and the base as alone."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
