@@ -59,11 +59,14 @@ def save_bitfit(biases: dict[str, nn.Parameter], out: Path, base_name: str) -> N
 
 
 def load_bitfit(model, adapter_dir: str):
-    """`model` (a bias-free base) with the biases of a BitFit directory set on its linears."""
+    """`model` (a bias-free base) with the biases of a BitFit directory added to its linears' outputs by forward
+    hooks: y = linear(x) + b, what attach_bitfit's biases compute, on any linear (also bitsandbytes' 4-bit ones,
+    whose packed uint8 weight says nothing of the dtype a bias should have)."""
     modules = dict(model.named_modules())
     for key, bias in load_file(str(Path(adapter_dir) / "adapter_model.safetensors")).items():
         module = modules[key[len(BITFIT_PREFIX):-len(".bias")]]
-        module.bias = nn.Parameter(bias.to(module.weight.dtype), requires_grad=False)
+        assert module.bias is None, key
+        module.register_forward_hook(lambda _mod, _args, out, b=bias.float(): out + b.to(out.dtype))
     return model
 
 
