@@ -26,7 +26,7 @@ import torch
 
 from adapters.checkpoint import WEIGHTS_NAME, read_safetensors
 from adapters.config import CONFIG_NAME, AdapterError, BitFitConfig, LoraConfig, load_config
-from server.model.spec import ModelSpec
+from adapters.model_spec import ModelSpec
 
 PREFIX = "base_model.model."
 SUFFIX = ".bias"

@@ -22,7 +22,7 @@ from adapters.adapterhub_ia3 import IA3Adapter
 from adapters.checkpoint import WEIGHTS_NAME, read_safetensors
 from adapters.config import CONFIG_NAME, AdapterError, IA3Config, LoraConfig, load_config
 from adapters.lora import _check_base_copy
-from server.model.spec import ModelSpec
+from adapters.model_spec import ModelSpec
 
 PREFIX = "base_model.model."
 SUFFIX = ".ia3_l"

@@ -49,7 +49,7 @@ class LinearSite(Protocol):
 
 
 class AdaptableModel(Protocol):
-    spec: object                    # server.model.spec.ModelSpec
+    spec: object                    # adapters.model_spec.ModelSpec
     embed_tokens: torch.nn.Embedding
 
     def linears(self) -> list[LinearSite]: ...

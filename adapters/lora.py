@@ -23,7 +23,7 @@ import torch
 
 from adapters.checkpoint import WEIGHTS_NAME, read_safetensors
 from adapters.config import BASE_MODIFYING_INITS, UNSUPPORTED_LORA_OPTIONS, AdapterError, LoraConfig, load_config
-from server.model.spec import ModelSpec
+from adapters.model_spec import ModelSpec
 
 PREFIX = "base_model.model."
 # Longest first: "lora_A.weight" must win over "lora_A", "base_layer.weight" over "weight".

@@ -35,7 +35,7 @@ from transformers import AutoConfig
 
 from adapters.checkpoint import WEIGHTS_NAME, read_safetensors
 from adapters.config import ADAPTERHUB_IA3, BITFIT, IA3, LORA, AdapterError, detect_kind, load_config
-from server.model.spec import ModelSpec
+from adapters.model_spec import ModelSpec
 
 PEFT_PREFIX = "base_model.model."
 INDEX_NAME = "model.safetensors.index.json"

@@ -29,7 +29,7 @@ import torch
 from adapters import merge_ops
 from adapters.checkpoint import WEIGHTS_NAME, read_safetensors
 from adapters.config import CONFIG_NAME, AdapterError, LoraConfig, load_config, read_config_json
-from server.model.spec import ModelSpec
+from adapters.model_spec import ModelSpec
 
 RECIPE_NAME = "mixture.json"              # the recipe, written next to the mixture's checkpoint
 LORAX_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")

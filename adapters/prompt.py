@@ -18,7 +18,7 @@ import torch
 from adapters.checkpoint import WEIGHTS_NAME, read_safetensors
 from adapters.config import AdapterError, PromptLearningConfig, load_config
 from adapters.interface import PrefixKV, VirtualTokens
-from server.model.spec import ModelSpec
+from adapters.model_spec import ModelSpec
 
 KEY = "prompt_embeddings"
 

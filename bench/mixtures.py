@@ -88,7 +88,7 @@ def main() -> None:
     from transformers import AutoConfig, LlamaForCausalLM
 
     from adapters.lora import load_lora
-    from server.model.spec import ModelSpec
+    from adapters.model_spec import ModelSpec
     base = llama_160m()
     spec = ModelSpec.from_hf(AutoConfig.from_pretrained(base))
     hf = LlamaForCausalLM.from_pretrained(base)

@@ -40,6 +40,13 @@ def test_adapters_and_kernels_import_no_serving_layer():
     assert {f: mods for f, mods in bad.items() if mods} == {}
 
 
+def test_adapters_and_kernels_import_nothing_from_server():
+    """Stricter than the layer list: not even data modules (the model spec lives in adapters/model_spec.py)."""
+    files = sorted([*(ROOT / "adapters").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")])
+    bad = {str(f.relative_to(ROOT)): offending(f, ("server",)) for f in files}
+    assert {f: mods for f, mods in bad.items() if mods} == {}
+
+
 def test_checker_sees_every_import_form():
     """The parser catches plain, from, relative, function-local and TYPE_CHECKING imports of a banned module."""
     source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from server.runner import X\n"

@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from adapters.config import AdapterError
 from adapters.prompt import load_prompt_adapter
 from server.kv_blocks import BlockManager, cdiv
-from server.model.spec import ModelSpec
+from adapters.model_spec import ModelSpec
 from server.sampling import ParamError, SamplingParams
 from server.sequence import Sequence
 from tests.peft_fixtures import greedy_full_forward, load_peft, save_adapter

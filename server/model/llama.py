@@ -12,7 +12,7 @@ from torch import nn
 from adapters import interface
 from server.batch import BatchMeta
 from server.model.attention import KVCache, paged_attention
-from server.model.spec import ModelSpec
+from adapters.model_spec import ModelSpec
 
 
 class Linear(nn.Module):

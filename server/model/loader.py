@@ -8,7 +8,7 @@ from transformers import AutoConfig
 
 from server.model.llama import LlamaModel, Linear
 from server.model.quantize import QUANTIZE, PrequantizedWeights, check_quantization_config, quantize_model
-from server.model.spec import ModelSpec
+from adapters.model_spec import ModelSpec
 from server.model.weights import iter_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

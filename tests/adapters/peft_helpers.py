@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoConfig
 
 from adapters.lora import LoraAdapter, LoraEmbedding, LoraModule
-from server.model.spec import ModelSpec
+from adapters.model_spec import ModelSpec
 from tests.tiny_models import load_hf
 
 ATOL = RTOL = 1e-5   # fp32, every comparison in this directory

@@ -1,4 +1,8 @@
-"""The architecture facts we need, read from an HF `config.json` (Llama / Mistral / Qwen2 families)."""
+"""The base model's architecture facts, read from an HF `config.json` (Llama / Mistral / Qwen2 families).
+
+Data only. It sits at the adapters layer because adapters are shaped by it (module widths, layer count, heads) and
+the model above builds itself from it: imports flow api -> engine -> model -> adapters -> kernels, and nothing in
+adapters/ or kernels/ imports from server/ (tests/test_import_layers.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
