@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from transformers import AutoTokenizer
@@ -14,41 +14,22 @@ from adapters.interface import has_kind
 from adapters.registry import AdapterRegistry
 from server.config import EngineConfig
 from server.detokenizer import Detokenizer
+from server.engine_stats import engine_stats
 from server.guided import GrammarCache
-from server.guided_decoding import GuidedDecoding, StepMasks
+from server.guided_decoding import GuidedDecoding
 from server.kv_blocks import BlockManager
 from server.outputs import RequestFailed, RequestOutput, TokenLogprob
-from server.penalties import apply_penalties
 from server.prefix_store import PrefixStore, RuntimeSlots
+from server.residency import IsolatedResidency
 from server.runner import ModelRunner
-from server.sampler import sample
 from server.sampling import ParamError, SamplingParams
 from server.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from server.sequence import FinishReason, Sequence, SequenceStatus
+from server.step_sampling import RequestState, sample_key, sample_seed, sample_states
 
 log = logging.getLogger(__name__)
 
 LOAD_WAIT_S = 0.02       # a step with nothing to run but adapter reads in flight waits this long for them
-
-
-@dataclass
-class RequestState:
-    """One sample of a request (n = 1: the request). Its sequence's key in `requests` is `seq.request_id`:
-    the request's id for sample 0, `id#i` for sample i."""
-    seq: Sequence
-    detok: Detokenizer
-    generator: torch.Generator
-    request_id: str
-    seed: int                               # the request's (its samples' seeds derive from it)
-    index: int = 0                          # which of the request's samples
-    queue_seconds: float | None = None      # from add_request to its first scheduled step
-    cumulative_logprob: float = 0.0         # of its sampled tokens (best_of ranks samples by it)
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample `index` of a request seeded with `seed`: sample 0 gets `seed` itself (so n=1 and the
-    first of n samples agree), the others a value derived from (seed, index)."""
-    return seed if index == 0 else random.Random(f"{seed}/{index}").getrandbits(63)
 
 
 class LLMEngine:
@@ -90,7 +71,7 @@ class LLMEngine:
             max_device_bytes=config.max_adapter_bytes, max_host_bytes=config.max_host_adapter_bytes)
         for runtime in self.runtimes:
             runtime.bind(self.adapters)         # kinds made of other loaded adapters (AdapterFusion) look them up
-        self.residency = _IsolatedResidency(self.adapters)
+        self.residency = IsolatedResidency(self.adapters)
         self.scheduler.adapters = self.residency      # admission puts adapters on the device
         # structured output; the HTTP side compiles into the same cache at admission
         self.guided = GuidedDecoding(GrammarCache(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids)))
@@ -164,7 +145,7 @@ class LLMEngine:
     def abort_request(self, request_id: str, index: int | None = None) -> None:
         """Abort every sample of the request, or only sample `index`."""
         keys = list(self.samples.get(request_id, [request_id]))
-        for key in keys if index is None else [_sample_key(request_id, index)]:
+        for key in keys if index is None else [sample_key(request_id, index)]:
             state = self.requests.get(key)
             if state is not None:
                 self._remove(state)
@@ -202,7 +183,7 @@ class LLMEngine:
         num_tokens, num_seqs = batch.num_tokens, len(batch.scheduled)
         sampled, logits, failed = self._forward(batch)
         states, logits = self._fork([self.requests[item.seq.request_id] for item in sampled], logits)
-        samples = self._sample(logits, states, masks)
+        samples = sample_states(logits, states, self.guided, masks, self.eos_token_ids)
         outputs += [self._fail(s, exc) for s, exc in failed] + self._postprocess(batch, states, samples)
         counts = self.step_counts
         counts["num_steps"] += 1
@@ -257,7 +238,7 @@ class LLMEngine:
             group = [state]
             parent = state.seq
             for index in range(1, parent.num_forks + 1):
-                key = _sample_key(state.request_id, index)
+                key = sample_key(state.request_id, index)
                 child = Sequence(key, parent.prompt_ids, parent.params, parent.adapter, parent.first_adapter_layer,
                                  arrival=parent.arrival, num_virtual_tokens=parent.num_virtual_tokens,
                                  first_position=parent.first_position)
@@ -276,35 +257,6 @@ class LLMEngine:
             out += group
             rows += [row] * len(group)
         return out, logits[torch.tensor(rows, dtype=torch.long)]
-
-    def _sample(self, logits: torch.Tensor, states: list[RequestState],
-                masks: StepMasks | None = None) -> list[tuple | Exception]:
-        """(token, logprob) per state, or the exception its sampling raised (the batch is sampled row by row
-        then: each row only depends on its own parameters and generator). `masks`: this step's grammar masks,
-        applied after the penalties to what is sampled from (logprobs: the penalized logits, unmasked)."""
-        try:
-            penalized = self._penalize(logits, states)
-            allowed = self.guided.apply(masks, penalized, [s.seq.request_id for s in states])
-            result = sample(allowed, [s.seq.params for s in states], [s.generator for s in states], penalized)
-            return list(zip(result.token_ids, result.logprobs))
-        except Exception:
-            log.warning("batched sampling failed; sampling row by row", exc_info=True)
-        samples = []
-        for i, state in enumerate(states):
-            try:
-                penalized = self._penalize(logits[i:i + 1], [state])
-                allowed = self.guided.apply(masks, penalized, [state.seq.request_id])
-                result = sample(allowed, [state.seq.params], [state.generator], penalized)
-                samples.append((result.token_ids[0], result.logprobs[0]))
-            except Exception as exc:
-                log.exception("request %s failed in sampling", state.seq.request_id)
-                samples.append(exc)
-        return samples
-
-    def _penalize(self, logits: torch.Tensor, states: list[RequestState]) -> torch.Tensor:
-        seqs = [state.seq for state in states]
-        return apply_penalties(logits, [seq.params for seq in seqs], [seq.prompt_ids for seq in seqs],
-                               [seq.output_ids for seq in seqs], self.eos_token_ids)
 
     def _postprocess(self, batch: SchedulerOutput, states: list[RequestState],
                      samples: list[tuple | Exception]) -> list[RequestOutput]:
@@ -402,27 +354,8 @@ class LLMEngine:
         )
 
     def stats(self) -> dict:
-        blocks = self.scheduler.blocks
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": self.scheduler.num_waiting,
-            "kv_blocks_used": blocks.num_used,
-            "kv_blocks_total": blocks.num_blocks,
-            "num_preemptions": self.num_preemptions,
-            "num_prefill_tokens": self.num_prefill_tokens,
-            **self.step_counts,
-            "kv_blocks_cached_free": blocks.num_cached_free,
-            "prefix_cache_queries": blocks.cache.num_queried_tokens if blocks.cache is not None else 0,
-            "prefix_cache_hits": blocks.cache.num_hit_tokens if blocks.cache is not None else 0,
-            "num_adapters": len(self.adapters.handles),
-            "adapter_device_bytes": self.adapters.device_bytes,
-            # vLLM's lora_requests_info: adapter names of running / waiting requests, first seen first
-            "running_adapters": _adapter_names(self.scheduler.running),
-            "waiting_adapters": _adapter_names(self.scheduler.waiting),
-            "max_loras": self.config.max_loras,
-            "adapter_tiers": self.adapters.tier_usage(),       # tier -> (adapters, bytes)
-            "adapter_usage": self.adapters.usage(),
-        }
+        """Counters and gauges for /metrics and /health (server/engine_stats.py)."""
+        return engine_stats(self)
 
     # ---- offline use -------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -450,39 +383,7 @@ def _prompt_tokens_in(item: ScheduledSeq) -> int:
     return max(0, min(item.num_tokens, item.seq.num_prompt_tokens - item.seq.num_computed_tokens))
 
 
-def _sample_key(request_id: str, index: int) -> str:
-    return request_id if index == 0 else f"{request_id}#{index}"
-
-
 def _num_virtual_tokens(handle) -> int:
     """Virtual tokens a request for `handle` (None = the base model) has before its own tokens (prefix / prompt
     tuning; the registry keeps the count while the weights are on disk)."""
     return 0 if handle is None else handle.info.get("num_virtual_tokens", 0)
-
-
-def _adapter_names(seqs) -> list[str]:
-    return list(dict.fromkeys(seq.adapter.name for seq in seqs if seq.adapter is not None))
-
-
-class _IsolatedResidency:
-    """The registry's make_resident for the scheduler, with failures kept apart: an adapter whose install raises
-    (a checkpoint that changed, out of memory growing a stack) is "not on the device" for this step, and the
-    engine fails the requests waiting for it instead of the step failing every request in flight."""
-
-    def __init__(self, registry: AdapterRegistry):
-        self.registry = registry
-        self._failures: dict = {}                  # handle -> the exception its install raised
-
-    def make_resident(self, adapter, busy: set) -> bool:
-        if adapter in self._failures:
-            return False
-        try:
-            return self.registry.make_resident(adapter, busy)
-        except Exception as exc:
-            log.exception("installing adapter %r failed", adapter.name)
-            self._failures[adapter] = exc
-            return False
-
-    def take_failures(self) -> list[tuple]:
-        failures, self._failures = list(self._failures.items()), {}
-        return failures

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.engine import sample_seed
+from server.step_sampling import sample_seed
 from server.middleware import LORAX_ROUTES  # noqa: F401  (re-exported: the routes served here)
 from server.mixtures import MergedAdapters
 from server.outputs import RequestOutput

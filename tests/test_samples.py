@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from server.config import EngineConfig
-from server.engine import LLMEngine, sample_seed
+from server.engine import LLMEngine
+from server.step_sampling import sample_seed
 from server.sampling import SamplingParams
 
 PROMPT = [5, 17, 33, 9, 120, 7, 64, 3, 200, 41]          # 10 tokens: with block_size 4 the last block is partial

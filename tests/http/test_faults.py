@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from adapters.lora_runtime import LinearLora, LoraRuntime
-from server import engine as engine_module
+from server import step_sampling
 from server.config import EngineConfig
 from server.detokenizer import Detokenizer
 from server.engine import LLMEngine
@@ -137,14 +137,14 @@ def check(served, solo, culprit: dict, match: str) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_exception_in_one_requests_sampling(served, solo, monkeypatch, stream):
-    real_sample = engine_module.sample
+    real_sample = step_sampling.sample
 
     def poisoned(logits, params, generators, *rest):
         if any(p.seed == POISON_SEED for p in params):
             raise RuntimeError("injected sampling fault")
         return real_sample(logits, params, generators, *rest)
 
-    monkeypatch.setattr(engine_module, "sample", poisoned)
+    monkeypatch.setattr(step_sampling, "sample", poisoned)
     culprit = body("lora-qv", PROMPTS[0], stream, temperature=0.8, seed=POISON_SEED)
     check(served, solo, culprit, "injected sampling fault")
 
