@@ -33,7 +33,7 @@ PERSON = {
 }
 NAMES = ["Alice", "Bob", "Chen", "Dana", "Emeka", "Farah", "Goran", "Hiro", "Ines", "Jonas",
          "Kemal", "Lena", "Mateo", "Nia", "Olga", "Pavel", "Quinn", "Rosa", "Sven", "Tariq"]
-MODELS = [NAME, "shout", "json", "brief", "pirate"]
+MODELS = [NAME, "shout", "json", "brief", "pirate", "cheer", "signoff", "title"]
 REGEX = r"[0-9]{3}-[a-z]{2,5}"
 CHOICES = ["red", "green", "blue"]
 PLAIN = ["What is the capital of France?", "Name three primary colors."]
@@ -49,7 +49,7 @@ def _chat(server, model: str, question: str, max_tokens: int, **extra):
 
 
 def _person(i: int) -> dict:
-    """Request i: a json_schema request (response_format, or vLLM's guided_json for every third), adapter i % 5."""
+    """Request i: a json_schema request (response_format, or vLLM's guided_json for every third), model i % 8."""
     question = f"Describe a person called {NAMES[i]} as JSON with name, age and city."
     if i % 3 == 2:
         extra = {"extra_body": {"guided_json": PERSON}}
