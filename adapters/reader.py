@@ -6,12 +6,14 @@ the registry (adapters/registry.py) decides what a finished read becomes.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
 from adapters.config import AdapterError, detect_kind
+from kernels import cpu_threads
 
 
 @dataclass
@@ -32,8 +34,8 @@ class CheckpointReader:
         self.loaders = loaders
         self.max_device_bytes = max_device_bytes
         self.observers: list[Callable[[float, bool], None]] = []   # fn(seconds, ok) after every read
-        self._num_threads = num_threads
-        self._executor: ThreadPoolExecutor | None = None
+        self._slots = threading.BoundedSemaphore(num_threads)   # reads at once
+        self._closed = False
 
     def read(self, path: str) -> LoadedAdapter:
         """Detect the kind, read and validate the checkpoint; AdapterError saying what is wrong. Every observer
@@ -49,14 +51,18 @@ class CheckpointReader:
                 observe(time.monotonic() - start, ok)
 
     def submit(self, path: str) -> Future:
-        """`read(path)` on a loader thread; a Future of the LoadedAdapter."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self._num_threads, thread_name_prefix="adapter-load")
-        return self._executor.submit(self.read, path)
+        """`read(path)` on a loader thread (one per read, ended with it: kernels/cpu_threads.py), at most
+        `num_threads` reading at once; a Future of the LoadedAdapter."""
+        if self._closed:
+            raise RuntimeError("the checkpoint reader is closed")
+        return cpu_threads.submit(self._read_in_turn, path, name="adapter-load")
+
+    def _read_in_turn(self, path: str) -> LoadedAdapter:
+        with self._slots:
+            return self.read(path)
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._closed = True
 
     def _read(self, path: str) -> LoadedAdapter:
         path = os.path.abspath(path)

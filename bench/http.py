@@ -117,7 +117,7 @@ def start_server(base: str, name: str, dirs: dict[str, str], args, extra: list[s
            "--max-waiting", "100000", *extra]
     for adapter, path in dirs.items():
         cmd += ["--adapter", f"{adapter}={path}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     return wait_healthy(child, port, 600, "server"), port
 

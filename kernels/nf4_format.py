@@ -14,6 +14,7 @@ C++ `quantize_blockwise` with a 65536-bin lookup table), so quantizing the same 
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -49,14 +50,15 @@ def dynamic_map() -> torch.Tensor:
 DYNAMIC_CODE = dynamic_map()
 
 
+@functools.cache
 def _dynamic_lut() -> torch.Tensor:
-    """bnb's C++ `build_quantize_lut`: 65536 evenly spaced values in [-1, 1] -> nearest code index (uint8)."""
+    """bnb's C++ `build_quantize_lut`: 65536 evenly spaced values in [-1, 1] -> nearest code index (uint8).
+    Built on first use, not at import: an import-time parallel op would give the importing thread an OpenMP
+    team for the process's lifetime (kernels/cpu_threads.py)."""
     mids = 0.5 * (DYNAMIC_CODE[:-1] + DYNAMIC_CODE[1:])
     vals = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
     return torch.searchsorted(mids, vals, side="left").to(torch.uint8)
 
-
-_DYNAMIC_LUT = _dynamic_lut()
 
 
 @dataclass
@@ -140,7 +142,7 @@ def _quantize_dynamic(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     norm = torch.clamp(padded * inv.view(-1, 1), -1, 1)
     half = (norm + 1.0) * 0.5                                 # float32, rounded twice as in C
     index = (half.double() * 65535.0 + 0.5).float().to(torch.int64)
-    codes = _DYNAMIC_LUT.to(values.device)[index.clamp(0, 65535)]
+    codes = _dynamic_lut().to(values.device)[index.clamp(0, 65535)]
     codes[absmax == 0] = 0
     return codes.reshape(-1)[:n].contiguous(), absmax
 

@@ -170,6 +170,21 @@ def run_server(app, **kwargs) -> None:
 
 
 def serve(options: ServeOptions) -> None:
+    # Every torch op of startup (GGUF conversion, merge, model load, adapter preloads) runs on a thread that
+    # ends before serving: the engine thread is then the process's one OpenMP team (kernels/cpu_threads.py).
+    from kernels import cpu_threads
+    app, drain, merged_dir = cpu_threads.call(_prepare, options, name="peftserve-startup")
+    try:
+        run_server(app, host=options.host, port=options.port, log_level=options.log_level, drain=drain,
+                   drain_timeout=options.drain_timeout)
+    finally:
+        if merged_dir:
+            from server.merge_cli import cleanup
+            cleanup(merged_dir)
+
+
+def _prepare(options: ServeOptions) -> tuple:
+    """(app, drain, merged directory to remove after serving or None): everything before uvicorn starts."""
     config, is_default = resolve_model(options)
     adapters = dict(options.adapters)
     if is_default and (options.demo_adapters or options.merge):
@@ -181,14 +196,15 @@ def serve(options: ServeOptions) -> None:
         config, merged_dir = merged_serving(config, adapters, options.merge)
         adapters = {}
     try:
-        _serve(options, config, adapters, is_default)
-    finally:
+        return (*_build(options, config, adapters, is_default), merged_dir)
+    except BaseException:
         if merged_dir:
             from server.merge_cli import cleanup
             cleanup(merged_dir)
+        raise
 
 
-def _serve(options: ServeOptions, config, adapters: dict, is_default: bool) -> None:
+def _build(options: ServeOptions, config, adapters: dict, is_default: bool) -> tuple:
     from server.api import build_app
     from server.async_engine import AsyncEngine
     from server.draining import Drain
@@ -203,8 +219,7 @@ def _serve(options: ServeOptions, config, adapters: dict, is_default: bool) -> N
     drain = Drain()
     app = build_app(AsyncEngine(engine), api_key=options.api_key, admin_api_key=options.admin_api_key,
                     adapter_dirs=options.adapter_dirs, max_body_bytes=options.max_body_bytes, drain=drain)
-    run_server(app, host=options.host, port=options.port, log_level=options.log_level, drain=drain,
-               drain_timeout=options.drain_timeout)
+    return app, drain
 
 
 def startup_line(options: ServeOptions, engine, from_gguf: bool) -> str:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.config import AdapterError
 from adapters.mixture import MixtureError, MixtureRecipe, make_mixture
+from kernels import cpu_threads
 from server.errors import APIError
 
 MAX_MIXTURES = 64
@@ -113,7 +114,8 @@ class Mixtures:
         name = recipe.name
         out = os.path.join(self.root, f"{name}-{next(self._serial)}")
         try:
-            await asyncio.to_thread(make_mixture, recipe, [h.path for h in members], self.spec, out)
+            await asyncio.wrap_future(cpu_threads.submit(make_mixture, recipe, [h.path for h in members], self.spec,
+                                                         out, name="mixture"))
             loaded = await asyncio.wrap_future(self.registry.submit_read(out))
             await self.async_engine.run(lambda engine: self._register(name, loaded, members))
         except BaseException:
