@@ -5,7 +5,9 @@
 For each (token layout, H_out), a stack of NUM_LAYERS linear layers run back to back as in one model step
 (each layer its own W and its own 64-slot LoRA stacks, so weights stream from memory as they do in a real
 model), first base only, `out = x @ W.T` (W [H_out, H_in]), then with a LoRA delta added into each `out`:
-  ours       `sgmv_expand(sgmv_shrink(x, A, seg), B, seg, out)` through `kernels` (the auto-picked path)
+  ours       `sgmv_expand(sgmv_shrink(x, A, seg), B, seg, out)` through `kernels` (the auto-picked path), with
+             B [S, H_out, R] stored as adapters/lora_runtime.py stores it on CPU: a view of [S, R, H_out]
+  b_cols     the same with B [S, H_out, R] contiguous (the layout before; what the Triton kernels take)
   loop       the CPU path forced to one matmul per segment
   batched    the CPU path forced to gathered weights + `bmm` for the short segments
   per_token  the naive way, A and B gathered for every token, then bmm (decode layouts only)
@@ -34,7 +36,7 @@ H_IN = 1024
 H_OUTS = (1024, 512, 2816, 5632)
 NUM_SLOTS = 64
 NUM_LAYERS = 8  # distinct weight sets per point: > L3 (32 MiB on the EPYC VM this was tuned on) at every H_out
-STRATEGIES = ("ours", "loop", "batched", "per_token")
+STRATEGIES = ("ours", "b_cols", "loop", "batched", "per_token")
 
 
 def layouts() -> dict[str, list[int | None]]:
@@ -71,6 +73,7 @@ def forced(max_gather_bytes: int):
 
 LORA = {
     "ours": lambda x, a, b, seg, out: kernels.sgmv_expand(kernels.sgmv_shrink(x, a, seg), b, seg, out),
+    "b_cols": lambda x, a, b, seg, out: kernels.sgmv_expand(kernels.sgmv_shrink(x, a, seg), b, seg, out),
     "loop": forced(0),
     "batched": forced(1 << 62),
     "per_token": per_token,
@@ -97,17 +100,18 @@ def bench_point(name, token_slots, h_out, rank, dtype, repeats, gen) -> dict:
     x = torch.randn(seg.num_tokens, H_IN, generator=gen).to(dtype)
     layers = [((torch.randn(h_out, H_IN, generator=gen) / H_IN ** 0.5).to(dtype),
                (torch.randn(NUM_SLOTS, rank, H_IN, generator=gen) / H_IN ** 0.5).to(dtype),
-               (torch.randn(NUM_SLOTS, h_out, rank, generator=gen) / rank ** 0.5).to(dtype))
+               (torch.randn(NUM_SLOTS, rank, h_out, generator=gen) / rank ** 0.5).to(dtype).transpose(1, 2))
               for _ in range(NUM_LAYERS)]
+    b_cols = [lora_b.contiguous() for _, _, lora_b in layers]
 
-    def stack(lora):
-        for w, lora_a, lora_b in layers:
+    def stack(lora, contiguous_b=False):
+        for (w, lora_a, lora_b), b_c in zip(layers, b_cols):
             out = x @ w.T
             if lora is not None:
-                lora(x, lora_a, lora_b, seg, out)
+                lora(x, lora_a, b_c if contiguous_b else lora_b, seg, out)
 
     strategies = [s for s in STRATEGIES if s != "per_token" or seg.num_tokens <= 64]  # it copies T x [H_out, R]
-    fns = {"base": lambda: stack(None), **{s: (lambda s=s: stack(LORA[s])) for s in strategies}}
+    fns = {"base": lambda: stack(None), **{s: (lambda s=s: stack(LORA[s], s == "b_cols")) for s in strategies}}
     ms = {k: statistics.median(v) / NUM_LAYERS for k, v in time_point(fns, repeats).items()}
     return {"layout": name, "num_tokens": seg.num_tokens, "num_segments": seg.num_segments, "h_in": H_IN,
             "h_out": h_out, "rank": rank, "dtype": str(dtype).removeprefix("torch."),
@@ -133,8 +137,9 @@ def main() -> None:
             rounds = max(3, repeats // 2) if len(token_slots) > 512 else repeats
             records.append(bench_point(name, token_slots, h_out, rank, dtype, rounds, gen))
             print(json.dumps(records[-1]), flush=True)
-    print("\n| layout | H_out | base ms/layer | with LoRA (ours) | overhead: ours | loop | batched | per-token |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| layout | H_out | base ms/layer | with LoRA (ours) | overhead: ours | B [S, H_out, R] contiguous "
+          "| loop | batched | per-token |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in records:
         pct = [f"{r[f'{s}_overhead_pct']}%" if f"{s}_overhead_pct" in r else "-" for s in STRATEGIES]
         print(f"| {r['layout']} | {r['h_out']} | {r['base_ms']:.3f} | {r['ours_ms']:.3f} | {' | '.join(pct)} |")

@@ -157,14 +157,15 @@ def sgmv_expand(y: torch.Tensor, lora_b: torch.Tensor, seg: SegmentMeta, out: to
         o.addmm_(y, lora_b[plan.whole].T)
         return out
     loop, batched = _split(plan, lora_b)
+    lora_b_t = lora_b.transpose(1, 2)  # [S, R, H_out]: contiguous when the stack is stored that way (lora_runtime)
     if loop:
         ys, os_ = y.split_with_sizes(plan.sizes), o.split_with_sizes(plan.sizes)
-        b_t = _slot_views(lora_b.transpose(1, 2), len(loop))
+        b_t = _slot_views(lora_b_t, len(loop))
         for i, slot in loop:
             os_[i].addmm_(ys[i], b_t[slot])
     if batched:
         n, pad_len = plan.num_batched, plan.pad_len
-        b_t = _batched_weights(lora_b, plan).transpose(1, 2)  # [n, R, H_out]
+        b_t = _batched_weights(lora_b_t, plan)  # [n, R, H_out]
         if plan.dense_start is not None:
             rows = slice(plan.dense_start, plan.dense_start + n * pad_len)
             o[rows].view(n, pad_len, h_out).baddbmm_(y[rows].view(n, pad_len, rank), b_t)
