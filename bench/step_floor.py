@@ -1,7 +1,7 @@
 """One decode step next to its floors: weight bytes / memory bandwidth, and the bare weight matmuls.
 
     python -m bench.step_floor [--models smollm2-135m llama-160m] [--dtypes float32 bfloat16] [--seqs 1 8 32]
-                               [--context 64] [--repeats 20]
+                               [--context 64] [--repeats 20] [--gather-cost]
 
 For each model, dtype and batch size (sequences decoding together, each with --context tokens in its KV cache):
   read floor   bytes of every linear weight (lm_head included) / the measured read bandwidth of this machine
@@ -9,11 +9,16 @@ For each model, dtype and batch size (sequences decoding together, each with --c
   matmul floor the bare F.linear of every weight at that many rows, in layer order (weights stream from memory)
   forward      our model forward alone (runner.run: metadata + model), median of --repeats
   step         a whole engine step (schedule, forward, sampling, detokenization, outputs), median of --repeats
+  --gather-cost  also the step with every KV gather (server/model/attention.gather_blocks, the copy of each
+               sequence's blocks into a dense tensor per layer) replaced by a preallocated tensor of the same shape:
+               what a paged-attention kernel reading the blocks in place could save (timing only: that run's
+               outputs are wrong)
 Prints one JSON line per point and a markdown table.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -83,6 +88,26 @@ def decode_times(engine, num_seqs: int, context: int, repeats: int) -> tuple[flo
     return statistics.median(forward_times[2:]), statistics.median(step_times[2:])
 
 
+@contextlib.contextmanager
+def no_gather():
+    """gather_blocks -> a zero tensor of its output's shape, allocated once per shape (timing only)."""
+    import server.model.attention as attention
+    buffers, real = {}, attention.gather_blocks
+
+    def fake(cache, block_tables):
+        num_blocks, block_size, num_kv_heads, head_dim = cache.shape
+        b, nb = block_tables.shape
+        key = (len(buffers) % 2, b, nb, cache.dtype)             # k and v alternate
+        if key not in buffers:
+            buffers[key] = cache.new_zeros(b, nb * block_size, num_kv_heads, head_dim)
+        return buffers[key]
+    attention.gather_blocks = fake
+    try:
+        yield
+    finally:
+        attention.gather_blocks = real
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "llama-160m"])
@@ -90,6 +115,7 @@ def main():
     ap.add_argument("--seqs", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--gather-cost", action="store_true")
     args = ap.parse_args()
     from server.config import EngineConfig
     from server.default_model import ensure_default_model
@@ -109,18 +135,24 @@ def main():
                 row = dict(model=model, dtype=dtype, seqs=n, weight_mb=weight_bytes / 1e6,
                            bandwidth_gb_s=bandwidth / 1e9, read_floor_ms=weight_bytes / bandwidth * 1e3,
                            matmul_ms=mm * 1e3, forward_ms=forward * 1e3, step_ms=step * 1e3)
+                if args.gather_cost:
+                    with no_gather():
+                        row["step_no_gather_ms"] = decode_times(engine, n, args.context, args.repeats)[1] * 1e3
                 emit(row)
                 rows.append(row)
             del engine
     print(f"\nmachine: {machine()}; read bandwidth {bandwidth / 1e9:.1f} GB/s; decode steps with "
           f"{args.context}-token contexts, median of {args.repeats}\n")
+    extra = " | step without KV gather ms | that / matmul floor" if args.gather_cost else ""
     print("| model | dtype | seqs | weights MB | read floor ms | matmul floor ms | forward ms | step ms "
-          "| step / read floor | step / matmul floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"| step / read floor | step / matmul floor{extra} |")
+    print("|---" * (10 + 2 * args.gather_cost) + "|")
     for r in rows:
+        no_gather_cols = (f" | {r['step_no_gather_ms']:.1f} | {r['step_no_gather_ms'] / r['matmul_ms']:.2f}x"
+                          if args.gather_cost else "")
         print(f"| {r['model']} | {r['dtype']} | {r['seqs']} | {r['weight_mb']:.0f} | {r['read_floor_ms']:.1f} | "
               f"{r['matmul_ms']:.1f} | {r['forward_ms']:.1f} | {r['step_ms']:.1f} | "
-              f"{r['step_ms'] / r['read_floor_ms']:.2f}x | {r['step_ms'] / r['matmul_ms']:.2f}x |")
+              f"{r['step_ms'] / r['read_floor_ms']:.2f}x | {r['step_ms'] / r['matmul_ms']:.2f}x{no_gather_cols} |")
 
 
 if __name__ == "__main__":
