@@ -1,9 +1,12 @@
-"""Paged attention on the CPU path: gather each group's KV blocks, one SDPA call per group."""
+"""Paged attention: one call per group. Decode groups (one query per sequence) on the CPU go to the paged decode
+kernel, which reads the KV blocks in place (kernels/paged_decode.py); other groups gather their blocks and
+call SDPA."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from kernels import paged_decode as pd
 from server.batch import AttnGroup
 
 
@@ -49,14 +52,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     for g in groups:
         b, nq = g.token_index.shape
         if g.first_row is not None:                                        # rows in order: a view, no gather
-            qg = q[g.first_row:g.first_row + b * nq].view(b, nq, *q.shape[1:]).transpose(1, 2)
+            qg = q[g.first_row:g.first_row + b * nq].view(b, nq, *q.shape[1:])
         else:
-            qg = q[g.token_index].transpose(1, 2)                          # [B, H, Q, D]
-        kg = gather_blocks(k_cache, g.block_tables).transpose(1, 2)         # [B, KVH, K, D]
-        vg = gather_blocks(v_cache, g.block_tables).transpose(1, 2)
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.masks[window], scale=scale,
-                                            enable_gqa=True)                 # [B, H, Q, D]
-        og = og.transpose(1, 2).reshape(b * nq, -1)
+            qg = q[g.token_index]                                          # [B, Q, H, D]
+        mask = g.masks[window]
+        if nq == 1 and pd.supports(qg[:, 0], k_cache, v_cache, g.block_tables, mask.view(b, -1)):
+            og = pd.paged_decode(qg[:, 0], k_cache, v_cache, g.block_tables, mask.view(b, -1), scale)
+            og = og.view(b, -1)
+        else:
+            kg = gather_blocks(k_cache, g.block_tables).transpose(1, 2)     # [B, KVH, K, D]
+            vg = gather_blocks(v_cache, g.block_tables).transpose(1, 2)
+            og = F.scaled_dot_product_attention(qg.transpose(1, 2), kg, vg, attn_mask=mask, scale=scale,
+                                                enable_gqa=True)             # [B, H, Q, D]
+            og = og.transpose(1, 2).reshape(b * nq, -1)
         if g.first_row == 0 and b * nq == num_tokens:                      # one group holds every row
             return og
         if g.valid is not None:

@@ -1,0 +1,133 @@
+/* Paged decode attention on the CPU: one query per sequence attends to its KV blocks where they lie in the
+ * cache, nothing gathered. Built and loaded by kernels/paged_decode.py; its torch reference there gathers the
+ * blocks and calls SDPA.
+ *
+ *   q      [B, H, D]   row stride q_row, head stride q_head, elements contiguous
+ *   k, v   [NBLK, BS, KVH, D] contiguous (the layer's cache)
+ *   tables [B, NB]     int64, physical block of each sequence's j-th block
+ *   mask   [B, NB*BS]  bool (one byte), row stride mask_row: key j attended when mask[b, j]
+ *   out    [B, H, D]   contiguous
+ *
+ * Work item: a sequence (or a share of its kv heads), reading its blocks' rows in cache order. Two passes:
+ * scores (max kept), then exp and the weighted sum of values, divided by the sum at the end; fp32 accumulation
+ * for every dtype. A row
+ * with no attended key gets zeros. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {          /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);     /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* One element of a row as fp32; `bf16` is a compile-time constant in each exported kernel. */
+static inline float load(const void *row, int d, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)row)[d]) : ((const float *)row)[d];
+}
+
+/* Work item: sequence b, kv heads [kh0, kh0 + nkh) and their query heads. Each key / value row of those heads
+ * is read once, in cache order (a block's rows are consecutive), for all their query heads. Inlined into one
+ * function per dtype, so `bf16` is a constant there (in an OpenMP outlined body it would be a runtime value and
+ * the inner loops would not vectorise). */
+static inline __attribute__((always_inline)) void
+attend(const void *q, long q_row, long q_head, const void *k, const void *v, const int64_t *tables,
+       const uint8_t *mask, long mask_row, void *out, int b, int kh0, int nkh, int H, int KVH, int D, int NB,
+       int BS, float scale, int bf16) {
+    const int G = H / KVH, NH = nkh * G, esize = bf16 ? 2 : 4;
+    const long kv_row = (long)KVH * D;                          /* elements between a block's rows */
+    float *qf = malloc(sizeof(float) * ((size_t)NH * D * 2 + (size_t)NH * BS + 2 * NH));
+    float *acc = qf + (size_t)NH * D, *s = acc + (size_t)NH * D, *mx = s + (size_t)NH * BS, *sum = mx + NH;
+    const uint8_t *m = mask + b * mask_row;
+    const int64_t *table = tables + (long)b * NB;
+    for (int h = 0; h < NH; h++) {                              /* local head h is query head kh0 * G + h */
+        const char *qh = (const char *)q + (b * q_row + (long)(kh0 * G + h) * q_head) * esize;
+        for (int d = 0; d < D; d++) qf[h * D + d] = load(qh, d, bf16) * scale;
+        mx[h] = -INFINITY;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)NH * D);
+    for (int h = 0; h < NH; h++) sum[h] = 0.f;
+    for (int jb = 0; jb < NB; jb++) {                           /* one block: its keys, then its values */
+        const uint8_t *mb = m + (long)jb * BS;
+        const long row0 = table[jb] * BS * kv_row + (long)kh0 * D;
+        const char *kb = (const char *)k + row0 * esize, *vb = (const char *)v + row0 * esize;
+        int any = 0;
+        for (int t = 0; t < BS; t++) any |= mb[t];
+        if (!any) continue;
+        for (int h = 0; h < NH; h++) {                          /* scores of the block, the running max */
+            const float *qh = qf + h * D;
+            float bmax = mx[h];
+            for (int t = 0; t < BS; t++) {
+                if (!mb[t]) continue;
+                const char *kr = kb + (t * kv_row + (long)(h / G) * D) * esize;
+                float dot = 0.f;
+#pragma omp simd reduction(+:dot)
+                for (int d = 0; d < D; d++) dot += qh[d] * load(kr, d, bf16);
+                s[h * BS + t] = dot;
+                if (dot > bmax) bmax = dot;
+            }
+            if (bmax > mx[h]) {                                 /* rescale what was summed under the old max */
+                const float c = expf(mx[h] - bmax);
+                float *ah = acc + h * D;
+                for (int d = 0; d < D; d++) ah[d] *= c;
+                sum[h] *= c;
+                mx[h] = bmax;
+            }
+            for (int t = 0; t < BS; t++)
+                if (mb[t]) sum[h] += (s[h * BS + t] = expf(s[h * BS + t] - mx[h]));
+        }
+        for (int t = 0; t < BS; t++) {                          /* values, row by row */
+            if (!mb[t]) continue;
+            for (int h = 0; h < NH; h++) {
+                const char *vr = vb + (t * kv_row + (long)(h / G) * D) * esize;
+                const float p = s[h * BS + t];
+                float *ah = acc + h * D;
+#pragma omp simd
+                for (int d = 0; d < D; d++) ah[d] += p * load(vr, d, bf16);
+            }
+        }
+    }
+    const int attended = mx[0] != -INFINITY;                    /* some key attended (the mask is per sequence) */
+    for (int h = 0; h < NH; h++) {
+        const long o = ((long)b * H + kh0 * G + h) * D;
+        for (int d = 0; d < D; d++) {
+            const float x = attended ? acc[h * D + d] / sum[h] : 0.f;
+            if (bf16) ((uint16_t *)out)[o + d] = f32_to_bf16(x);
+            else ((float *)out)[o + d] = x;
+        }
+    }
+    free(qf);
+}
+
+/* splits: the kv heads of a sequence are cut into this many work items (it divides KVH); more than 1 only
+ * when there are fewer sequences than threads to keep busy. */
+#define EXPORT(NAME, BF16)                                                                                      \
+    static void NAME##_item(const void *q, long q_row, long q_head, const void *k, const void *v,               \
+                            const int64_t *tables, const uint8_t *mask, long mask_row, void *out, int b,        \
+                            int kh0, int nkh, int H, int KVH, int D, int NB, int BS, float scale) {             \
+        attend(q, q_row, q_head, k, v, tables, mask, mask_row, out, b, kh0, nkh, H, KVH, D, NB, BS, scale,     \
+               BF16);                                                                                           \
+    }                                                                                                           \
+    void NAME(const void *q, long q_row, long q_head, const void *k, const void *v, const int64_t *tables,     \
+              const uint8_t *mask, long mask_row, void *out, int B, int H, int KVH, int D, int NB, int BS,     \
+              float scale, int splits, int num_threads) {                                                       \
+        const int nkh = KVH / splits;                                                                           \
+        _Pragma("omp parallel for collapse(2) schedule(static) num_threads(num_threads)")                      \
+        for (int b = 0; b < B; b++)                                                                             \
+            for (int part = 0; part < splits; part++)                                                           \
+                NAME##_item(q, q_row, q_head, k, v, tables, mask, mask_row, out, b, part * nkh, nkh, H, KVH,    \
+                            D, NB, BS, scale);                                                                  \
+    }
+EXPORT(paged_decode_f32, 0)
+EXPORT(paged_decode_bf16, 1)
