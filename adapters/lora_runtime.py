@@ -22,7 +22,7 @@ import torch
 import kernels
 from adapters.config import LORA
 from adapters.interface import AdaptableModel, AdapterRuntime, LinearSite, StepLayout
-from kernels import SegmentMeta
+from kernels import SegmentMeta, lora_fused
 from kernels.shapes import rank_class
 
 
@@ -40,7 +40,7 @@ class _RankStacks:
         self.g: dict[str, torch.Tensor] = {}         # [S, width]
         self.dora_slots: set[int] = set()
         self.num_slots = 0                           # slots every stack holds
-        self._parts = None                           # (a, [(slice, rank cols start, end, (col, width))]) for `a`
+        self._parts = None     # (a, [(slice, rank cols start, end, (col, width))], lora_fused.Slices) for `a`
 
     def offsets(self) -> dict[str, int]:
         out, at = {}, 0
@@ -99,15 +99,28 @@ class _RankStacks:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, seg: SegmentMeta, linear: LinearSite) -> None:
         """y[:, slices] += the LoRA deltas of the tokens in `seg` (segments by local index)."""
-        shrunk = kernels.sgmv_shrink(x, self.a, seg)              # [T, sum(ranks)]
         parts = self._parts
         if parts is None or parts[0] is not self.a:               # (re)built after the stacks grew
             parts = self._parts = (self.a, [(name, off, off + self.ranks[name], linear.slices[name])
-                                            for name, off in self.offsets().items()])
+                                            for name, off in self.offsets().items()], self._fused_slices())
+        fused = parts[2]
+        if (fused is not None and seg.max_len <= lora_fused.MAX_LEN and not self.dora_slots
+                and lora_fused.supports(x, self.a, fused, y)):
+            lora_fused.lora_fused(x, self.a, fused, seg, y)       # shrink + every expand in one call
+            return
+        shrunk = kernels.sgmv_shrink(x, self.a, seg)              # [T, sum(ranks)]
         for name, start, end, (col, width) in parts[1]:
             if self.dora_slots:
                 self._dora_rescale(y, seg, name, col, width)
             kernels.sgmv_expand(shrunk[:, start:end], self.b[name], seg, y, col)
+
+    def _fused_slices(self) -> lora_fused.Slices | None:
+        """The slices for kernels/lora_fused (CPU stacks only: their B^T is contiguous)."""
+        if self.a.device.type != "cpu":
+            return None
+        offsets = self.offsets()
+        return lora_fused.slices([(self.b[name].transpose(1, 2), offsets[name], offsets[name] + rank,
+                                   self.linear.slices[name][0]) for name, rank in self.ranks.items()])
 
     def _dora_rescale(self, y: torch.Tensor, seg: SegmentMeta, name: str, col: int, width: int) -> None:
         """DoRA: base output of the adapter's tokens times g per column (PEFT leaves the bias unscaled)."""

@@ -10,7 +10,7 @@ import torch
 import kernels
 from adapters.lora import LoraModule
 from adapters.lora_runtime import LinearLora
-from kernels import SegmentMeta
+from kernels import SegmentMeta, lora_fused
 
 IN = 32
 SLICES = {"q_proj": (0, 48), "k_proj": (48, 16), "v_proj": (64, 16)}
@@ -87,13 +87,21 @@ def test_a_narrow_adapter_does_not_pay_for_a_wide_one(monkeypatch):
     linear, mods = site(), adapters()
     lora = loaded(linear, mods)
     calls = []
-    shrink = kernels.sgmv_shrink
+    shrink, fused = kernels.sgmv_shrink, lora_fused.lora_fused
 
-    def rec_shrink(x, w, seg):                  # (weight stack shape, slots of the rows it multiplies)
+    def record(w, seg):                         # (weight stack shape, slots of the rows it multiplies)
         calls.append((tuple(w.shape), {token_slots[r] for s, n in zip(seg.start_list, seg.len_list)
                                        for r in range(s, s + n)}))
+
+    def rec_shrink(x, w, seg):                  # the torch path's shrink
+        record(w, seg)
         return shrink(x, w, seg)
+
+    def rec_fused(x, w, sl, seg, y):            # the C kernel's shrink + expands
+        record(w, seg)
+        return fused(x, w, sl, seg, y)
     monkeypatch.setattr(kernels, "sgmv_shrink", rec_shrink)
+    monkeypatch.setattr(lora_fused, "lora_fused", rec_fused)
     token_slots = TOKEN_SLOTS
     apply(lora, linear, torch.randn(len(token_slots), IN), token_slots)
     assert calls == [((1, 8, IN), {0}), ((2, 112, IN), {2, 3}), ((1, 600, IN), {1})]
