@@ -67,15 +67,26 @@ attend(const void *q, long q_row, long q_head, const void *k, const void *v, con
         if (!any) continue;
         for (int h = 0; h < NH; h++) {                          /* scores of the block, the running max */
             const float *qh = qf + h * D;
+            const char *kh = kb + (long)(h / G) * D * esize;
             float bmax = mx[h];
-            for (int t = 0; t < BS; t++) {
-                if (!mb[t]) continue;
-                const char *kr = kb + (t * kv_row + (long)(h / G) * D) * esize;
-                float dot = 0.f;
-#pragma omp simd reduction(+:dot)
-                for (int d = 0; d < D; d++) dot += qh[d] * load(kr, d, bf16);
-                s[h * BS + t] = dot;
-                if (dot > bmax) bmax = dot;
+            for (int t = 0; t < BS; t += 4) {       /* four keys at once: four independent FMA chains */
+                const char *kr[4];
+                for (int u = 0; u < 4; u++)         /* past the block's end: repeat its last row, dropped */
+                    kr[u] = kh + (t + u < BS ? t + u : BS - 1) * kv_row * esize;
+                float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+:d0, d1, d2, d3)
+                for (int d = 0; d < D; d++) {
+                    const float qd = qh[d];
+                    d0 += qd * load(kr[0], d, bf16);
+                    d1 += qd * load(kr[1], d, bf16);
+                    d2 += qd * load(kr[2], d, bf16);
+                    d3 += qd * load(kr[3], d, bf16);
+                }
+                const float dots[4] = {d0, d1, d2, d3};
+                for (int u = 0; u < 4 && t + u < BS; u++) {
+                    s[h * BS + t + u] = dots[u];    /* masked keys' scores are computed, never used */
+                    if (mb[t + u] && dots[u] > bmax) bmax = dots[u];
+                }
             }
             if (bmax > mx[h]) {                                 /* rescale what was summed under the old max */
                 const float c = expf(mx[h] - bmax);
