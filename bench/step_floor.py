@@ -1,7 +1,7 @@
 """One decode step next to its floors: weight bytes / memory bandwidth, and the bare weight matmuls.
 
     python -m bench.step_floor [--models smollm2-135m llama-160m] [--dtypes float32 bfloat16] [--seqs 1 8 32]
-                               [--context 64] [--repeats 20] [--gather-cost]
+                               [--context 64] [--repeats 20] [--loras 0] [--torch-path]
 
 For each model, dtype and batch size (sequences decoding together, each with --context tokens in its KV cache):
   read floor   bytes of every linear weight (lm_head included) / the measured read bandwidth of this machine
@@ -9,10 +9,11 @@ For each model, dtype and batch size (sequences decoding together, each with --c
   matmul floor the bare F.linear of every weight at that many rows, in layer order (weights stream from memory)
   forward      our model forward alone (runner.run: metadata + model), median of --repeats
   step         a whole engine step (schedule, forward, sampling, detokenization, outputs), median of --repeats
-  --gather-cost  also the step with every KV gather (server/model/attention.gather_blocks, the copy of each
-               sequence's blocks into a dense tensor per layer) replaced by a preallocated tensor of the same shape:
-               what a paged-attention kernel reading the blocks in place could save (timing only: that run's
-               outputs are wrong)
+  --loras N    sequences use N distinct LoRA adapters round robin (r=16 on all 7 linears, bench/http.py's)
+  --torch-path also the step with the C kernels off (kernels/native.py): decode attention gathering each
+               sequence's KV blocks into a dense tensor per layer, then SDPA (instead of kernels/paged_decode
+               reading them in place), and LoRA as the torch shrink / expand ops (instead of kernels/lora_fused);
+               measured right after the default step on the same engine
 Prints one JSON line per point and a markdown table.
 """
 from __future__ import annotations
@@ -56,12 +57,14 @@ def matmul_floor(weights, rows: int, repeats: int) -> float:
     return statistics.median(times[2:])
 
 
-def decode_times(engine, num_seqs: int, context: int, repeats: int) -> tuple[float, float]:
-    """(forward, step) seconds: median over `repeats` decode steps of `num_seqs` sequences."""
+def decode_times(engine, num_seqs: int, context: int, repeats: int,
+                 adapters: list[str] = ()) -> tuple[float, float]:
+    """(forward, step) seconds: median over `repeats` decode steps of `num_seqs` sequences (sequence i for
+    adapters[i % len(adapters)], if any)."""
     from server.sampling import SamplingParams
     params = SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(random_prompts(num_seqs, context, vocab=engine.vocab_size, seed=num_seqs)):
-        engine.add_request(f"s{num_seqs}-{i}", prompt, params)
+        engine.add_request(f"s{num_seqs}-{i}", prompt, params, adapters[i % len(adapters)] if adapters else None)
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) \
             or engine.scheduler.num_waiting:
         engine.step()                                               # prefill
@@ -88,24 +91,28 @@ def decode_times(engine, num_seqs: int, context: int, repeats: int) -> tuple[flo
     return statistics.median(forward_times[2:]), statistics.median(step_times[2:])
 
 
-@contextlib.contextmanager
-def no_gather():
-    """gather_blocks -> a zero tensor of its output's shape, allocated once per shape (timing only)."""
-    import server.model.attention as attention
-    buffers, real = {}, attention.gather_blocks
+def load_loras(engine, model: str, count: int) -> list[str]:
+    if not count:
+        return []
+    from bench.http import make_adapters
+    dirs = make_adapters(engine.config.model, model, 64)
+    names = sorted(n for n in dirs if n.startswith("lora"))[:count]
+    for name in names:
+        engine.adapters.load(name, dirs[name])
+    return names
 
-    def fake(cache, block_tables):
-        num_blocks, block_size, num_kv_heads, head_dim = cache.shape
-        b, nb = block_tables.shape
-        key = (len(buffers) % 2, b, nb, cache.dtype)             # k and v alternate
-        if key not in buffers:
-            buffers[key] = cache.new_zeros(b, nb * block_size, num_kv_heads, head_dim)
-        return buffers[key]
-    attention.gather_blocks = fake
+
+@contextlib.contextmanager
+def torch_path():
+    """The C kernels off: decode attention gathers the blocks then calls SDPA; LoRA runs the torch ops."""
+    import server.model.attention as attention
+    from kernels import lora_fused
+    real = attention.pd.supports, lora_fused.supports
+    attention.pd.supports = lora_fused.supports = lambda *args: False
     try:
         yield
     finally:
-        attention.gather_blocks = real
+        attention.pd.supports, lora_fused.supports = real
 
 
 def main():
@@ -115,7 +122,8 @@ def main():
     ap.add_argument("--seqs", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--gather-cost", action="store_true")
+    ap.add_argument("--loras", type=int, default=0)
+    ap.add_argument("--torch-path", action="store_true")
     args = ap.parse_args()
     from server.config import EngineConfig
     from server.default_model import ensure_default_model
@@ -127,32 +135,34 @@ def main():
         for dtype in args.dtypes:
             engine = LLMEngine(EngineConfig(model=paths[model](), dtype=dtype, max_num_seqs=max(args.seqs),
                                             kv_cache_memory="512MiB"))
+            adapters = load_loras(engine, model, args.loras)
             weights = linear_weights(engine.runner.model)
             weight_bytes = sum(w.numel() * w.element_size() for w in weights)
             for n in args.seqs:
-                forward, step = decode_times(engine, n, args.context, args.repeats)
+                forward, step = decode_times(engine, n, args.context, args.repeats, adapters)
                 mm = matmul_floor(weights, n, args.repeats)
-                row = dict(model=model, dtype=dtype, seqs=n, weight_mb=weight_bytes / 1e6,
+                row = dict(model=model, dtype=dtype, seqs=n, loras=args.loras, weight_mb=weight_bytes / 1e6,
                            bandwidth_gb_s=bandwidth / 1e9, read_floor_ms=weight_bytes / bandwidth * 1e3,
                            matmul_ms=mm * 1e3, forward_ms=forward * 1e3, step_ms=step * 1e3)
-                if args.gather_cost:
-                    with no_gather():
-                        row["step_no_gather_ms"] = decode_times(engine, n, args.context, args.repeats)[1] * 1e3
+                if args.torch_path:
+                    with torch_path():
+                        row["step_torch_ms"] = decode_times(engine, n, args.context, args.repeats,
+                                                            adapters)[1] * 1e3
                 emit(row)
                 rows.append(row)
             del engine
     print(f"\nmachine: {machine()}; read bandwidth {bandwidth / 1e9:.1f} GB/s; decode steps with "
-          f"{args.context}-token contexts, median of {args.repeats}\n")
-    extra = " | step without KV gather ms | that / matmul floor" if args.gather_cost else ""
-    print("| model | dtype | seqs | weights MB | read floor ms | matmul floor ms | forward ms | step ms "
+          f"{args.context}-token contexts, {args.loras} LoRA adapters, median of {args.repeats}\n")
+    extra = " | step, torch path ms | that / matmul floor" if args.torch_path else ""
+    print("| model | dtype | seqs | LoRA adapters | weights MB | read floor ms | matmul floor ms | forward ms | step ms "
           f"| step / read floor | step / matmul floor{extra} |")
-    print("|---" * (10 + 2 * args.gather_cost) + "|")
+    print("|---" * (11 + 2 * args.torch_path) + "|")
     for r in rows:
-        no_gather_cols = (f" | {r['step_no_gather_ms']:.1f} | {r['step_no_gather_ms'] / r['matmul_ms']:.2f}x"
-                          if args.gather_cost else "")
-        print(f"| {r['model']} | {r['dtype']} | {r['seqs']} | {r['weight_mb']:.0f} | {r['read_floor_ms']:.1f} | "
+        torch_cols = (f" | {r['step_torch_ms']:.1f} | {r['step_torch_ms'] / r['matmul_ms']:.2f}x"
+                      if args.torch_path else "")
+        print(f"| {r['model']} | {r['dtype']} | {r['seqs']} | {r['loras']} | {r['weight_mb']:.0f} | {r['read_floor_ms']:.1f} | "
               f"{r['matmul_ms']:.1f} | {r['forward_ms']:.1f} | {r['step_ms']:.1f} | "
-              f"{r['step_ms'] / r['read_floor_ms']:.2f}x | {r['step_ms'] / r['matmul_ms']:.2f}x{no_gather_cols} |")
+              f"{r['step_ms'] / r['read_floor_ms']:.2f}x | {r['step_ms'] / r['matmul_ms']:.2f}x{torch_cols} |")
 
 
 if __name__ == "__main__":
