@@ -104,10 +104,12 @@ class _RankStacks:
             parts = self._parts = (self.a, [(name, off, off + self.ranks[name], linear.slices[name])
                                             for name, off in self.offsets().items()], self._fused_slices())
         fused = parts[2]
-        if (fused is not None and seg.max_len <= lora_fused.MAX_LEN and not self.dora_slots
-                and lora_fused.supports(x, self.a, fused, y)):
-            lora_fused.lora_fused(x, self.a, fused, seg, y)       # shrink + every expand in one call
-            return
+        if fused is not None and not self.dora_slots and lora_fused.supports(x, self.a, fused, y):
+            short, seg = _by_length(seg)                          # decode-sized segments, the others
+            if short is not None:
+                lora_fused.lora_fused(x, self.a, fused, short, y)  # shrink + every expand in one call
+            if seg is None:
+                return
         shrunk = kernels.sgmv_shrink(x, self.a, seg)              # [T, sum(ranks)]
         for name, start, end, (col, width) in parts[1]:
             if self.dora_slots:
@@ -134,6 +136,22 @@ class _RankStacks:
                 else:
                     b = bias[col:col + width]
                     part.sub_(b).mul_(g).add_(b)
+
+
+def _by_length(seg: SegmentMeta) -> tuple[SegmentMeta | None, SegmentMeta | None]:
+    """`seg` cut in two (None where empty): segments of at most lora_fused.MAX_LEN rows, for the C kernel, and the
+    longer ones (prefill chunks), for the torch path's GEMMs. Memoised in seg.derived."""
+    found = seg.derived.get("lora_by_length")
+    if found is None:
+        short, long = ([], [], []), ([], [], [])
+        for start, n, slot in zip(seg.start_list, seg.len_list, seg.slot_list):
+            if n:
+                for part, v in zip(short if n <= lora_fused.MAX_LEN else long, (start, n, slot)):
+                    part.append(v)
+        found = seg.derived["lora_by_length"] = tuple(
+            SegmentMeta.from_segments(*cut, seg.num_tokens, seg.starts.device) if cut[0] else None
+            for cut in (short, long))
+    return found
 
 
 def _b_stack(w: torch.Tensor, num_slots: int, width: int, rank: int) -> torch.Tensor:

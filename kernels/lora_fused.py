@@ -20,7 +20,7 @@ from kernels import native, reference
 from kernels.segments import SegmentMeta
 
 DTYPES = {torch.float32: "lora_fused_f32", torch.bfloat16: "lora_fused_bf16"}
-MAX_LEN = 16    # used for steps whose segments are all this short (decodes); longer ones: the torch path's GEMMs
+MAX_LEN = 16    # segments up to this long (decodes) go to the kernel; longer ones (prefill) to the torch path's GEMMs
 
 
 @dataclass(frozen=True)

@@ -114,18 +114,26 @@ def test_engine_decode_uses_the_kernel_and_matches_peft(tiny_model_dir, tmp_path
     dirs = {name: save_adapter(base, LoraConfig(r=r, target_modules="all-linear", init_lora_weights=False),
                                tmp_path / name, seed=seed)
             for name, r, seed in (("a", 8, 1), ("b", 4, 2))}
-    calls = []
-    real = lf.lora_fused
+    import kernels
+    calls = {"fused": [], "torch": []}
+    real_fused, real_shrink = lf.lora_fused, kernels.sgmv_shrink
 
-    def spy(x, *args):
-        calls.append(x.shape[0])
-        return real(x, *args)
-    monkeypatch.setattr(lf, "lora_fused", spy)
-    prompts = make_prompts(7, [4, 9, 6, 3])
+    def spy_fused(x, a, sl, seg, y):
+        calls["fused"].append(seg.max_len)
+        return real_fused(x, a, sl, seg, y)
+
+    def spy_shrink(x, a, seg):
+        calls["torch"].append(min(n for n in seg.len_list if n))
+        return real_shrink(x, a, seg)
+    monkeypatch.setattr(lf, "lora_fused", spy_fused)
+    monkeypatch.setattr(kernels, "sgmv_shrink", spy_shrink)
+    # the 30-token prompt's prefill (longer than MAX_LEN) shares a step with the others' decodes
+    prompts = make_prompts(7, [4, 9, 6, 30])
     names = ["a", "b", BASE, "a"]
     engine = engine_with(base, dirs)
     tokens, logits = run_with_adapters(engine, prompts, names, [0, 0, 1, 2])
-    assert calls                                               # the LoRA linears went through the kernel
+    assert calls["fused"] and max(calls["fused"]) <= lf.MAX_LEN    # short segments went through the kernel
+    assert calls["torch"] and min(calls["torch"]) > lf.MAX_LEN     # only long prefills through the torch path
     peft_model = load_peft(base, dirs)
     for i, (prompt, name) in enumerate(zip(prompts, names)):
         ref_tokens, ref_logits = peft_reference(peft_model, prompt, name)
