@@ -319,6 +319,10 @@ class LoraRuntime(AdapterRuntime):
         if all(s is None for s in token_slots):
             return None
         device = self.model.embed_tokens.weight.device
+        # a request with more rows than the CPU kernel's segments (a prefill chunk) is a segment of its own, so the
+        # decode rows of its adapter stay one short segment (_by_length)
+        runs = [i if item.num_tokens > lora_fused.MAX_LEN else -1
+                for i, item in enumerate(layout.items) for _ in range(item.num_tokens)]
         thresholds = sorted({f for s, f in zip(token_slots, token_first) if s is not None})
         by_count: dict[int, SegmentMeta | None] = {}
         segments: list[SegmentMeta | None] = []
@@ -326,7 +330,7 @@ class LoraRuntime(AdapterRuntime):
             count = sum(1 for t in thresholds if t <= layer)
             if count not in by_count:
                 active = [s if f <= layer else None for s, f in zip(token_slots, token_first)]
-                by_count[count] = SegmentMeta.from_token_slots(active, device) if count else None
+                by_count[count] = SegmentMeta.from_token_slots(active, device, runs) if count else None
             segments.append(by_count[count])
         has_sampled = any(s is not None for s in sample_slots)
         segments.append(SegmentMeta.from_token_slots(sample_slots, device) if has_sampled else None)

@@ -65,14 +65,17 @@ class SegmentMeta:
                    slot_list=slots, num_tokens=num_tokens, max_len=max(lens, default=0))
 
     @classmethod
-    def from_token_slots(cls, token_slots: Sequence[int | None],
-                         device: torch.device | str = "cpu") -> SegmentMeta:
-        """One segment per run of equal consecutive slots; `None` tokens are in no segment."""
+    def from_token_slots(cls, token_slots: Sequence[int | None], device: torch.device | str = "cpu",
+                         runs: Sequence[int] | None = None) -> SegmentMeta:
+        """One segment per run of equal consecutive slots; `None` tokens are in no segment. `runs` (per token):
+        consecutive tokens share a segment only if their runs are equal too (e.g. to keep a long prefill chunk
+        apart from the decode rows of the same adapter)."""
         starts, lens, slots = [], [], []
         for i, slot in enumerate(token_slots):
             if slot is None:
                 continue
-            if slots and slots[-1] == slot and starts[-1] + lens[-1] == i:
+            joins = slots and slots[-1] == slot and starts[-1] + lens[-1] == i
+            if joins and (runs is None or runs[i] == runs[i - 1]):
                 lens[-1] += 1
             else:
                 starts.append(i)

@@ -190,6 +190,7 @@ def _own_virtual_slots(seq, block_size: int) -> list[int] | None:
 
 
 def batch_order_key(item: ScheduledSeq):
-    """Tokens of one adapter end up contiguous (segments for SGMV); base-model requests first."""
+    """Tokens of one adapter end up contiguous (segments for SGMV); base-model requests first; within an adapter,
+    decodes before prefill chunks (so its decode rows are one run: one short segment for the CPU LoRA kernel)."""
     adapter = item.seq.adapter
-    return (adapter is not None, getattr(adapter, "slot", 0) if adapter is not None else 0)
+    return (adapter is not None, getattr(adapter, "slot", 0) if adapter is not None else 0, item.num_tokens > 1)

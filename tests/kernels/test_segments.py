@@ -18,6 +18,12 @@ def test_equal_slots_split_by_a_base_token_are_two_segments():
     assert (seg.start_list, seg.len_list, seg.slot_list) == ([0, 2, 4, 5], [1, 2, 1, 1], [3, 3, 1, 3])
 
 
+def test_runs_split_equal_slots():
+    """Slot 0: two decode rows (run -1), a 3-row prefill chunk (run 7), another decode row (run -1)."""
+    seg = SegmentMeta.from_token_slots([0, 0, 0, 0, 0, 0, 2], runs=[-1, -1, 7, 7, 7, -1, -1])
+    assert (seg.start_list, seg.len_list, seg.slot_list) == ([0, 2, 5, 6], [2, 3, 1, 1], [0, 0, 0, 2])
+
+
 @pytest.mark.parametrize("token_slots", [[], [None, None]])
 def test_no_segments(token_slots):
     seg = SegmentMeta.from_token_slots(token_slots)
