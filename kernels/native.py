@@ -43,7 +43,8 @@ def _build(source: Path) -> Path:
     if cc is None:
         raise OSError("no C compiler (set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(FLAGS).encode(), version.encode(),
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]       # what the sources #include
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, " ".join(FLAGS).encode(), version.encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     root = Path(os.environ.get("PEFTSERVE_CACHE") or Path.home() / ".cache" / "peftserve") / "kernels"
     target = root / f"{source.stem}-{key}.so"
