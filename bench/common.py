@@ -39,7 +39,20 @@ def random_prompts(n: int, length: int, vocab: int = 32000, seed: int = 0) -> li
 
 
 def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{platform.machine()} {os.cpu_count()} cores ({_cpu_features()}), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def _cpu_features() -> str:
+    """Which of the instruction sets our kernels and the BLAS use this CPU has: the numbers differ by them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return "flags unknown"
+    have = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))
+            if flag in flags]
+    return ", ".join(have) or "no AVX-512"
 
 
 def emit(record: dict) -> None:

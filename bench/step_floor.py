@@ -6,7 +6,8 @@
 For each model, dtype and batch size (sequences decoding together, each with --context tokens in its KV cache):
   read floor   bytes of every linear weight (lm_head included) / the measured read bandwidth of this machine
                (a sum over a 1 GiB buffer, best of 5, torch threads as configured)
-  matmul floor the bare F.linear of every weight at that many rows, in layer order (weights stream from memory)
+  matmul floor the bare matmul of every weight at that many rows, in layer order (weights stream from memory), as
+               the model computes it: kernels/skinny_gemm.linear (the C kernel up to its MAX_ROWS, else F.linear)
   forward      our model forward alone (runner.run: metadata + model), median of --repeats
   step         a whole engine step (schedule, forward, sampling, detokenization, outputs), median of --repeats
   --loras N    sequences use N distinct LoRA adapters round robin (r=16 on all 7 linears, bench/http.py's)
@@ -24,9 +25,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import emit, llama_160m, machine, random_prompts
+from kernels import skinny_gemm
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -52,7 +53,7 @@ def matmul_floor(weights, rows: int, repeats: int) -> float:
         for _ in range(repeats + 2):
             t = time.perf_counter()
             for w in weights:
-                F.linear(xs[w.shape[1]], w)
+                skinny_gemm.linear(xs[w.shape[1]], w)
             times.append(time.perf_counter() - t)
     return statistics.median(times[2:])
 

@@ -37,7 +37,7 @@ def test_a_build_is_cached_by_source_and_reused(tmp_path):
 def test_without_a_compiler_the_torch_paths_give_the_same_tokens(tiny_model_dir, tmp_path):
     path = tiny_model_dir("llama")
     script = f"""
-        from kernels import lora_fused, paged_decode
+        from kernels import lora_fused, paged_decode, skinny_gemm
         from server.config import EngineConfig
         from server.engine import LLMEngine
         from server.sampling import SamplingParams
@@ -49,12 +49,12 @@ def test_without_a_compiler_the_torch_paths_give_the_same_tokens(tiny_model_dir,
         while engine.has_unfinished():
             for out in engine.step():
                 tokens[out.request_id].extend(out.token_ids)
-        print(paged_decode.available(), lora_fused.available(), tokens["0"], tokens["1"])
+        print(paged_decode.available(), lora_fused.available(), skinny_gemm.available(), tokens["0"], tokens["1"])
     """
     with_kernels = run(script, PEFTSERVE_CACHE=str(tmp_path / "a"))
     without = run(script, PEFTSERVE_CACHE=str(tmp_path / "b"), CC="false")
-    assert with_kernels.startswith("True True ")
-    assert without.startswith("False False ")
-    assert with_kernels.split(" ", 2)[2] == without.split(" ", 2)[2]
+    assert with_kernels.startswith("True True True ")
+    assert without.startswith("False False False ")
+    assert with_kernels.split(" ", 3)[3] == without.split(" ", 3)[3]
     assert not (tmp_path / "b" / "kernels").exists() or not any((tmp_path / "b" / "kernels").iterdir())
 
