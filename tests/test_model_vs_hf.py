@@ -71,7 +71,8 @@ def model_pair(request, tiny_model_dir):
 def engine_for(path, **kw) -> LLMEngine:
     kw.setdefault("kv_cache_memory", "8MiB")
     kw.setdefault("block_size", 4)
-    return LLMEngine(EngineConfig(model=str(path), dtype="float32", **kw))
+    kw.setdefault("dtype", "float32")
+    return LLMEngine(EngineConfig(model=str(path), **kw))
 
 
 def test_single_requests_match_hf(model_pair):

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters import interface
+from kernels import decode_layers as dl
+from kernels import paged_decode as pd
 from kernels import skinny_gemm
 from server.batch import BatchMeta
 from server.model.attention import KVCache, paged_attention
@@ -190,6 +192,43 @@ class LlamaModel(nn.Module):
         signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)       # see rotate()
         return cos.to(dtype)[:, None, :], signed_sin.to(dtype)[:, None, :]
 
+    def decode_stack(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta,
+                     kv: KVCache) -> bool:
+        """Every decoder layer in one kernels/decode_layers call (h updated in place), when the step is decodes
+        only (one group, one query per sequence, rows in order) and no adapter acts inside the layers. False:
+        nothing done, the module path runs."""
+        hooks = meta.hooks
+        if (hooks.linear_input or hooks.linear or hooks.sublayer or hooks.kv or meta.layer_attn_groups is not None
+                or len(meta.attn_groups) != 1):
+            return False
+        g = meta.attn_groups[0]
+        b, nq = g.token_index.shape
+        s = self.spec
+        dims = dl.Dims(s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size, s.rms_norm_eps,
+                       s.head_dim ** -0.5)
+        if nq != 1 or g.first_row != 0 or b != h.shape[0] or g.valid is not None or not dl.supports(h, dims):
+            return False
+        masks = {window: mask.view(b, -1) for window, mask in g.masks.items()}
+        rows = []
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            mask = masks.get(attn.window)
+            if (mask is None or not mask.is_contiguous()
+                    or any(m.quantized is not None or not m.weight.is_contiguous() for m in linears)):
+                return False
+            row = [layer.input_layernorm.weight.data_ptr()]
+            for m in linears[:2]:
+                row += [m.weight.data_ptr(), 0 if m.bias is None else m.bias.data_ptr()]
+            row.append(layer.post_attention_layernorm.weight.data_ptr())
+            for m in linears[2:]:
+                row += [m.weight.data_ptr(), 0 if m.bias is None else m.bias.data_ptr()]
+            rows.append(row + [kv.k[i].data_ptr(), kv.v[i].data_ptr(), mask.data_ptr()])
+        dl.decode_layers(h, torch.tensor(rows, dtype=torch.long), dims, cos.view(b, -1), sin.view(b, -1),
+                         meta.slot_mapping, g.block_tables, kv.block_size,
+                         pd._splits(b, s.num_kv_heads, torch.get_num_threads()))
+        return True
+
     def embed(self, meta: BatchMeta) -> torch.Tensor:
         h = self.embed_tokens(meta.input_ids) if meta.inputs_embeds is None else meta.inputs_embeds.clone()
         for hook in meta.hooks.embed:
@@ -201,7 +240,8 @@ class LlamaModel(nn.Module):
         """Returns logits [S, vocab] (float32) for the rows `meta.sample_index`."""
         h = self.embed(meta)
         cos, sin = self.rope(meta.positions, h.dtype)
-        for layer in self.layers:
-            h = layer(h, cos, sin, meta, kv)
+        if not self.decode_stack(h, cos, sin, meta, kv):
+            for layer in self.layers:
+                h = layer(h, cos, sin, meta, kv)
         h = self.norm(h[meta.sample_index])
         return self.lm_head(h, meta).float()

@@ -1,0 +1,99 @@
+/* Paged decode attention for one work item (kernels/paged_decode.c has the layout and the algorithm): shared by
+ * that kernel and kernels/decode_layers.c. */
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+/* One element of a row as fp32; `bf16` is a compile-time constant in each exported kernel. */
+static inline float attend_load(const void *row, int d, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)row)[d]) : ((const float *)row)[d];
+}
+
+/* Work item: sequence b, kv heads [kh0, kh0 + nkh) and their query heads. Each key / value row of those heads
+ * is read once, in cache order (a block's rows are consecutive), for all their query heads. Inlined into one
+ * function per dtype, so `bf16` is a constant there (in an OpenMP outlined body it would be a runtime value and
+ * the inner loops would not vectorise). */
+static inline __attribute__((always_inline)) void
+attend(const void *q, long q_row, long q_head, const void *k, const void *v, const int64_t *tables,
+       const uint8_t *mask, long mask_row, void *out, int b, int kh0, int nkh, int H, int KVH, int D, int NB,
+       int BS, float scale, int bf16) {
+    const int G = H / KVH, NH = nkh * G, esize = bf16 ? 2 : 4;
+    const long kv_row = (long)KVH * D;                          /* elements between a block's rows */
+    float *qf = malloc(sizeof(float) * ((size_t)NH * D * 2 + (size_t)NH * BS + 2 * NH));
+    float *acc = qf + (size_t)NH * D, *s = acc + (size_t)NH * D, *mx = s + (size_t)NH * BS, *sum = mx + NH;
+    const uint8_t *m = mask + b * mask_row;
+    const int64_t *table = tables + (long)b * NB;
+    for (int h = 0; h < NH; h++) {                              /* local head h is query head kh0 * G + h */
+        const char *qh = (const char *)q + (b * q_row + (long)(kh0 * G + h) * q_head) * esize;
+        for (int d = 0; d < D; d++) qf[h * D + d] = attend_load(qh, d, bf16) * scale;
+        mx[h] = -INFINITY;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)NH * D);
+    for (int h = 0; h < NH; h++) sum[h] = 0.f;
+    for (int jb = 0; jb < NB; jb++) {                           /* one block: its keys, then its values */
+        const uint8_t *mb = m + (long)jb * BS;
+        const long row0 = table[jb] * BS * kv_row + (long)kh0 * D;
+        const char *kb = (const char *)k + row0 * esize, *vb = (const char *)v + row0 * esize;
+        int any = 0;
+        for (int t = 0; t < BS; t++) any |= mb[t];
+        if (!any) continue;
+        for (int h = 0; h < NH; h++) {                          /* scores of the block, the running max */
+            const float *qh = qf + h * D;
+            const char *kh = kb + (long)(h / G) * D * esize;
+            float bmax = mx[h];
+            for (int t = 0; t < BS; t += 4) {       /* four keys at once: four independent FMA chains */
+                const char *kr[4];
+                for (int u = 0; u < 4; u++)         /* past the block's end: repeat its last row, dropped */
+                    kr[u] = kh + (t + u < BS ? t + u : BS - 1) * kv_row * esize;
+                float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+:d0, d1, d2, d3)
+                for (int d = 0; d < D; d++) {
+                    const float qd = qh[d];
+                    d0 += qd * attend_load(kr[0], d, bf16);
+                    d1 += qd * attend_load(kr[1], d, bf16);
+                    d2 += qd * attend_load(kr[2], d, bf16);
+                    d3 += qd * attend_load(kr[3], d, bf16);
+                }
+                const float dots[4] = {d0, d1, d2, d3};
+                for (int u = 0; u < 4 && t + u < BS; u++) {
+                    s[h * BS + t + u] = dots[u];    /* masked keys' scores are computed, never used */
+                    if (mb[t + u] && dots[u] > bmax) bmax = dots[u];
+                }
+            }
+            if (bmax > mx[h]) {                                 /* rescale what was summed under the old max */
+                const float c = expf(mx[h] - bmax);
+                float *ah = acc + h * D;
+                for (int d = 0; d < D; d++) ah[d] *= c;
+                sum[h] *= c;
+                mx[h] = bmax;
+            }
+            for (int t = 0; t < BS; t++)
+                if (mb[t]) sum[h] += (s[h * BS + t] = expf(s[h * BS + t] - mx[h]));
+        }
+        for (int t = 0; t < BS; t++) {                          /* values, row by row */
+            if (!mb[t]) continue;
+            for (int h = 0; h < NH; h++) {
+                const char *vr = vb + (t * kv_row + (long)(h / G) * D) * esize;
+                const float p = s[h * BS + t];
+                float *ah = acc + h * D;
+#pragma omp simd
+                for (int d = 0; d < D; d++) ah[d] += p * attend_load(vr, d, bf16);
+            }
+        }
+    }
+    const int attended = mx[0] != -INFINITY;                    /* some key attended (the mask is per sequence) */
+    for (int h = 0; h < NH; h++) {
+        const long o = ((long)b * H + kh0 * G + h) * D;
+        for (int d = 0; d < D; d++) {
+            const float x = attended ? acc[h * D + d] / sum[h] : 0.f;
+            if (bf16) ((uint16_t *)out)[o + d] = f32_to_bf16(x);
+            else ((float *)out)[o + d] = x;
+        }
+    }
+    free(qf);
+}
+

@@ -1,0 +1,86 @@
+"""A decode step's whole decoder stack in one CPU call (kernels/decode_layers.c).
+
+At one to a few sequences a small, deep model's step is its weight read plus ~20 torch ops and Python calls per
+layer (SmolLM2-135M: 30 layers, ~8 ms of a 27 ms fp32 step on the development machine, bench/step_floor.py).
+This kernel runs every layer of a decode-only step (one new token per sequence) inside one OpenMP region: the
+matmuls by kernels/skinny.h, the attention by kernels/attend.h, the glue between them in C. Its reference is the
+model's module path, which the model takes whenever this one does not apply (`supports`: adapters acting inside
+the layers, prefill rows, more rows than the small-batch GEMM takes, a 4-bit base...).
+
+Built and loaded by kernels/native.py; without it the module path serves everything.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from kernels import native, skinny_gemm
+
+DTYPES = {torch.float32: "decode_layers_f32", torch.bfloat16: "decode_layers_bf16"}
+# the addresses of one layer, in the kernel's order (decode_layers.c's enum)
+FIELDS = ("norm1", "qkv_w", "qkv_b", "o_w", "o_b", "norm2", "gate_up_w", "gate_up_b", "down_w", "down_b",
+          "k_cache", "v_cache", "mask")
+MAX_HEAD_DIM = 512
+
+
+@dataclass(frozen=True)
+class Dims:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    scale: float
+
+
+def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, dims: Dims, cos: torch.Tensor, sin: torch.Tensor,
+                  slots: torch.Tensor, block_tables: torch.Tensor, block_size: int, splits: int) -> torch.Tensor:
+    """Run every layer of `ptrs` ([L, len(FIELDS)] int64 addresses) on h [M, hidden] in place; returns h.
+
+    cos, sin: [M, head_dim] contiguous (signed sin); slots [M], block_tables [M, NB] int64; each layer's mask
+    [M, NB * block_size] bool contiguous. Needs `supports(...)`."""
+    m, d = h.shape[0], dims
+    qkv_width = (d.heads + 2 * d.kv_heads) * d.head_dim
+    x = h.new_empty(m, d.hidden)
+    qkv = h.new_empty(m, qkv_width)
+    attn = h.new_empty(m, d.heads * d.head_dim)
+    gate_up = h.new_empty(m, 2 * d.intermediate)
+    act = h.new_empty(m, d.intermediate)
+    wide = torch.empty(m * max(d.hidden, d.heads * d.head_dim, d.intermediate), dtype=torch.float32)
+    nb = block_tables.shape[1]
+    getattr(_library(), DTYPES[h.dtype])(
+        ptrs.shape[0], ptrs.data_ptr(), h.data_ptr(), m, d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate,
+        d.eps, d.scale, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), nb, block_size,
+        nb * block_size, splits, x.data_ptr(), qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
+        wide.data_ptr(), torch.get_num_threads())
+    return h
+
+
+def supports(h: torch.Tensor, dims: Dims) -> bool:
+    """CPU, fp32 / bf16, as many rows as the small-batch GEMM takes, h contiguous, heads the kernel handles."""
+    return (h.device.type == "cpu" and h.dtype in DTYPES and h.dim() == 2 and h.is_contiguous()
+            and 0 < h.shape[0] <= skinny_gemm.MAX_ROWS.get(h.dtype, 0) and dims.head_dim <= MAX_HEAD_DIM
+            and dims.head_dim % 2 == 0 and dims.heads % dims.kv_heads == 0 and available())
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = native.load("decode_layers")
+    if lib is None:
+        return None
+    for name in DTYPES.values():
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 6
+                       + [ctypes.c_float, ctypes.c_float] + [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int,
+                                                                                    ctypes.c_long, ctypes.c_int]
+                       + [ctypes.c_void_p] * 6 + [ctypes.c_int])
+    return lib

@@ -1,0 +1,95 @@
+"""kernels/decode_layers: a decode step's whole decoder stack in one C call gives the module path's logits (fp32
+to rounding; bf16 to bf16 rounding) and transformers' tokens, on every tiny architecture (GQA, llama3 RoPE, a
+sliding window, qkv bias), a row's result does not depend on its batch, and it steps aside where it does not
+apply (adapters inside the layers, prefill rows)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import decode_layers as dl
+from server.model import llama
+from tests.test_model_vs_hf import engine_for, hf_reference, make_prompts, run_staggered
+from tests.tiny_models import CONFIGS, load_hf
+
+
+@pytest.fixture
+def stack_calls(monkeypatch):
+    """Rows of every decode_layers call the engine makes."""
+    calls = []
+    real = dl.decode_layers
+
+    def spy(h, *args):
+        calls.append(h.shape[0])
+        return real(h, *args)
+    monkeypatch.setattr(llama.dl, "decode_layers", spy)
+    return calls
+
+
+def module_path(monkeypatch):
+    monkeypatch.setattr(llama.dl, "supports", lambda *a: False)
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_decode_steps_run_the_stack_and_match_transformers(kind, tiny_model_dir, stack_calls):
+    path = tiny_model_dir(kind)
+    prompts = make_prompts(11, [3, 15, 9])                  # the mistral window (12) is crossed
+    tokens, logits = run_staggered(engine_for(path), prompts, [0, 0, 3])
+    assert stack_calls and max(stack_calls) == 3            # decode-only steps of all three went through it
+    hf = load_hf(path)
+    for i, prompt in enumerate(prompts):
+        ref_tokens, ref_logits = hf_reference(hf, prompt)
+        assert tokens[i] == ref_tokens
+        torch.testing.assert_close(logits[i], ref_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_stack_gives_the_module_paths_logits(dtype, tiny_model_dir, monkeypatch, stack_calls):
+    path = tiny_model_dir("qwen2")
+    prompts = make_prompts(4, [6, 2, 10, 5])
+    tokens, logits = run_staggered(engine_for(path, dtype=dtype), prompts, [0, 1, 1, 4])
+    assert stack_calls
+    module_path(monkeypatch)
+    ref_tokens, ref_logits = run_staggered(engine_for(path, dtype=dtype), prompts, [0, 1, 1, 4])
+    tol = dict(atol=2e-5, rtol=0) if dtype == "float32" else dict(atol=0.1, rtol=0.02)   # logits ~ +-3
+    for i in range(len(prompts)):
+        torch.testing.assert_close(logits[i], ref_logits[i], **tol)
+        if dtype == "float32":
+            assert tokens[i] == ref_tokens[i]
+
+
+def test_a_sequences_logits_do_not_depend_on_its_batch(tiny_model_dir, stack_calls):
+    path = tiny_model_dir("llama")
+    prompts = make_prompts(8, [5, 4, 6])      # prefill <= 16 rows: its matmuls are the row-wise kernel too
+    _, together = run_staggered(engine_for(path), prompts, [0, 0, 0])
+    _, alone = run_staggered(engine_for(path), prompts[1:2], [0])
+    assert max(stack_calls) == 3 and 1 in stack_calls
+    assert torch.equal(together[1][1:], alone[0][1:])       # every decode step's logits, bit for bit
+
+
+def test_adapters_inside_the_layers_take_the_module_path(tiny_model_dir, tmp_path, stack_calls):
+    from peft import LoraConfig
+    from tests.peft_fixtures import save_adapter
+    path = tiny_model_dir("llama")
+    lora = save_adapter(path, LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False), tmp_path / "a", 3)
+    engine = engine_for(path)
+    engine.adapters.load("a", str(lora))
+    from server.sampling import SamplingParams
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.add_request("x", [5, 6, 7], params, "a")
+    while engine.has_unfinished():
+        engine.step()
+    assert stack_calls == []
+    engine.add_request("y", [5, 6, 7], params)
+    while engine.has_unfinished():
+        engine.step()
+    assert stack_calls == [1, 1, 1]                         # the base request's decode steps
+
+
+def test_refuses_what_it_does_not_handle():
+    d = dl.Dims(64, 4, 2, 16, 160, 1e-6, 0.25)
+    assert dl.supports(torch.zeros(3, 64), d)
+    assert not dl.supports(torch.zeros(3, 64).half(), d)
+    assert not dl.supports(torch.zeros(17, 64), d)          # more rows than the small-batch GEMM takes
+    assert not dl.supports(torch.zeros(3, 128)[:, ::2], d)
+    assert not dl.supports(torch.zeros(3, 64), dl.Dims(64, 4, 2, 1024, 160, 1e-6, 0.25))
