@@ -12,6 +12,7 @@ at `meta.adapters[runtime.name]`. Hook points, in forward order:
     on_embed(h, meta)                                     token embeddings, before layer 0
     on_linear_input(x, meta, linear) -> x                 a linear's input, before its matmul
     on_linear(x, y, meta, linear)                         a linear's output (y modified in place)
+    on_native_linear(meta, linear) -> ops                 the same, as C ops for the whole-stack decode kernel
     on_kv(x, k_cache, v_cache, meta, layer)               in attention, after q/k/v, before the cache is read
     on_sublayer(name, x, residual, out, h, meta, layer)   after a decoder layer's "attention" / "mlp" sub-layer
     virtual_kv(weights) -> PrefixKV | VirtualTokens       K/V as data: the engine owns the blocks and writes them
@@ -118,11 +119,12 @@ class StepHooks:
     embed: list[Callable] = field(default_factory=list)
     linear_input: list[Callable] = field(default_factory=list)
     linear: list[Callable] = field(default_factory=list)
+    native_linear: list[Callable] = field(default_factory=list)
     sublayer: list[Callable] = field(default_factory=list)
     kv: list[Callable] = field(default_factory=list)
 
     def add(self, runtime: AdapterRuntime) -> None:
-        for point in ("embed", "linear_input", "linear", "sublayer", "kv"):
+        for point in ("embed", "linear_input", "linear", "native_linear", "sublayer", "kv"):
             hook = getattr(runtime, f"on_{point}")
             if hook is not None:
                 getattr(self, point).append(hook)
@@ -219,6 +221,11 @@ class AdapterRuntime:
     # on_linear(x [N, in], y [N, out], meta, linear: LinearSite) -> None: y = x @ W.T (+ b) modified in place
     # for its tokens; x is the input the matmul used.
     on_linear: Callable | None = None
+    # on_native_linear(meta, linear: LinearSite) -> list of ops | None: on_linear's delta for this step as
+    # kernels/decode_layers LoRA ops (tuples in its OP_* order), which run inside that kernel's whole-stack decode;
+    # None when they cannot (then the model runs its layers one by one, calling on_linear). A runtime with on_linear
+    # and without this keeps every step on the module path.
+    on_native_linear: Callable | None = None
     # on_sublayer(name, x, residual, out, h, meta, layer) -> None, after sub-layer `name` (ATTENTION / MLP) of
     # decoder layer `layer` (layer.layer: its index; layer.input_layernorm, layer.post_attention_layernorm:
     # the RMSNorms, callables [N, hidden] -> [N, hidden]); all tensors [T, hidden]:

@@ -22,7 +22,7 @@ import torch
 import kernels
 from adapters.config import LORA
 from adapters.interface import AdaptableModel, AdapterRuntime, LinearSite, StepLayout
-from kernels import SegmentMeta, lora_fused
+from kernels import SegmentMeta, decode_layers, lora_fused
 from kernels.shapes import rank_class
 
 
@@ -97,12 +97,26 @@ class _RankStacks:
             at += rank
         self.a, self.ranks, self.num_slots = a, new_ranks, num_slots
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, seg: SegmentMeta, linear: LinearSite) -> None:
-        """y[:, slices] += the LoRA deltas of the tokens in `seg` (segments by local index)."""
+    def _parts_of(self, linear: LinearSite):
         parts = self._parts
         if parts is None or parts[0] is not self.a:               # (re)built after the stacks grew
             parts = self._parts = (self.a, [(name, off, off + self.ranks[name], linear.slices[name])
                                             for name, off in self.offsets().items()], self._fused_slices())
+        return parts
+
+    def native_op(self, seg: SegmentMeta, linear: LinearSite) -> tuple[int, ...] | None:
+        """This bucket's deltas for `seg` as one kernels/decode_layers LoRA op (its OP_* order), or None where that
+        kernel cannot apply them (DoRA, a GPU stack, more slices or segments than it takes)."""
+        fused = self._parts_of(linear)[2]
+        if (fused is None or self.dora_slots or fused.dtype != self.a.dtype or len(fused.b_t) > decode_layers.MAX_PARTS
+                or len(seg.start_list) > decode_layers.MAX_ROWS):
+            return None
+        count, starts, lens, slots = lora_fused.segment_arrays(seg)
+        return (self.a.data_ptr(), self.a.shape[1], fused.table.data_ptr(), len(fused.b_t), count, starts, lens, slots)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, seg: SegmentMeta, linear: LinearSite) -> None:
+        """y[:, slices] += the LoRA deltas of the tokens in `seg` (segments by local index)."""
+        parts = self._parts_of(linear)
         fused = parts[2]
         if fused is not None and not self.dora_slots and lora_fused.supports(x, self.a, fused, y):
             short, seg = _by_length(seg)                          # decode-sized segments, the others
@@ -216,6 +230,19 @@ class LinearLora:
         for width, bucket_seg in self.bucket_segments(seg):
             self.buckets[width](x, y, bucket_seg, linear)
 
+    def native_ops(self, meta, linear: LinearSite) -> list[tuple[int, ...]] | None:
+        """`__call__` as kernels/decode_layers LoRA ops (one per rank bucket with tokens), or None."""
+        seg = meta.adapters["lora"].segments[linear.layer]
+        if not self.buckets or seg is None:
+            return []
+        ops = []
+        for width, bucket_seg in self.bucket_segments(seg):
+            op = self.buckets[width].native_op(bucket_seg, linear)
+            if op is None:
+                return None
+            ops.append(op)
+        return ops
+
     def bucket_segments(self, seg: SegmentMeta) -> list[tuple[int, SegmentMeta]]:
         """(rank class, `seg` cut to that bucket's adapters with local indices) for each bucket with tokens in
         `seg`; memoised in seg.derived, shared by every linear whose adapters sit alike."""
@@ -285,6 +312,9 @@ class LoraRuntime(AdapterRuntime):
 
     def on_linear(self, x: torch.Tensor, y: torch.Tensor, meta, linear: LinearSite) -> None:
         self.by_linear[linear](x, y, meta, linear)
+
+    def on_native_linear(self, meta, linear: LinearSite) -> list[tuple[int, ...]] | None:
+        return self.by_linear[linear].native_ops(meta, linear)
 
     def on_embed(self, h: torch.Tensor, meta) -> None:
         self.embedding(h, meta)

@@ -11,10 +11,11 @@ For each model, dtype and batch size (sequences decoding together, each with --c
   forward      our model forward alone (runner.run: metadata + model), median of --repeats
   step         a whole engine step (schedule, forward, sampling, detokenization, outputs), median of --repeats
   --loras N    sequences use N distinct LoRA adapters round robin (r=16 on all 7 linears, bench/http.py's)
-  --torch-path also the step with the C kernels off (kernels/native.py): decode attention gathering each
-               sequence's KV blocks into a dense tensor per layer, then SDPA (instead of kernels/paged_decode
-               reading them in place), and LoRA as the torch shrink / expand ops (instead of kernels/lora_fused);
-               measured right after the default step on the same engine
+  --torch-path also the step with the C kernels off (kernels/native.py): the layers one by one (not
+               kernels/decode_layers' whole stack), F.linear (not kernels/skinny_gemm), decode attention gathering
+               each sequence's KV blocks into a dense tensor per layer, then SDPA (instead of
+               kernels/paged_decode reading them in place), and LoRA as the torch shrink / expand ops (instead of
+               kernels/lora_fused); measured right after the default step on the same engine
 Prints one JSON line per point and a markdown table.
 """
 from __future__ import annotations
@@ -105,15 +106,16 @@ def load_loras(engine, model: str, count: int) -> list[str]:
 
 @contextlib.contextmanager
 def torch_path():
-    """The C kernels off: decode attention gathers the blocks then calls SDPA; LoRA runs the torch ops."""
+    """The C kernels off: the module path with F.linear, decode attention gathering the blocks then calling SDPA,
+    LoRA by the torch ops."""
     import server.model.attention as attention
-    from kernels import lora_fused
-    real = attention.pd.supports, lora_fused.supports
-    attention.pd.supports = lora_fused.supports = lambda *args: False
+    from kernels import decode_layers, lora_fused
+    real = attention.pd.supports, lora_fused.supports, skinny_gemm.supports, decode_layers.supports
+    attention.pd.supports = lora_fused.supports = skinny_gemm.supports = decode_layers.supports = lambda *a: False
     try:
         yield
     finally:
-        attention.pd.supports, lora_fused.supports = real
+        attention.pd.supports, lora_fused.supports, skinny_gemm.supports, decode_layers.supports = real
 
 
 def main():

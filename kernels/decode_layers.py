@@ -20,10 +20,17 @@ import torch
 from kernels import native, skinny_gemm
 
 DTYPES = {torch.float32: "decode_layers_f32", torch.bfloat16: "decode_layers_bf16"}
-# the addresses of one layer, in the kernel's order (decode_layers.c's enum)
+# one layer's row of `ptrs`, in the kernel's order (decode_layers.c's enum): addresses, then for each of the four
+# linears (qkv, o, gate_up, down) the first row of its LoRA ops in `ops` and their count
 FIELDS = ("norm1", "qkv_w", "qkv_b", "o_w", "o_b", "norm2", "gate_up_w", "gate_up_b", "down_w", "down_b",
-          "k_cache", "v_cache", "mask")
+          "k_cache", "v_cache", "mask", "lora_qkv", "num_lora_qkv", "lora_o", "num_lora_o", "lora_gate_up",
+          "num_lora_gate_up", "lora_down", "num_lora_down")
+# a LoRA op (one rank bucket of one linear, kernels/lora_fused's layout): A stack address, its rows R, the
+# address of the slices' [5, P] table, P, the number of segments and the addresses of their starts, lens, slots
+OP_FIELDS = ("a", "rank_rows", "table", "parts", "segments", "starts", "lens", "slots")
+MAX_PARTS = 8
 MAX_HEAD_DIM = 512
+MAX_ROWS = 64   # beyond the small-batch GEMM's rows the matmuls go to torch's BLAS (MKL), up to this many
 
 
 @dataclass(frozen=True)
@@ -37,9 +44,11 @@ class Dims:
     scale: float
 
 
-def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, dims: Dims, cos: torch.Tensor, sin: torch.Tensor,
-                  slots: torch.Tensor, block_tables: torch.Tensor, block_size: int, splits: int) -> torch.Tensor:
-    """Run every layer of `ptrs` ([L, len(FIELDS)] int64 addresses) on h [M, hidden] in place; returns h.
+def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor, dims: Dims, cos: torch.Tensor,
+                  sin: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+                  splits: int) -> torch.Tensor:
+    """Run every layer of `ptrs` ([L, len(FIELDS)] int64) on h [M, hidden] in place; returns h. ops: [n,
+    len(OP_FIELDS)] int64, the LoRA ops the layers' rows point at (their slots index the A / B stacks).
 
     cos, sin: [M, head_dim] contiguous (signed sin); slots [M], block_tables [M, NB] int64; each layer's mask
     [M, NB * block_size] bool contiguous. Needs `supports(...)`."""
@@ -50,20 +59,25 @@ def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, dims: Dims, cos: torch.Te
     attn = h.new_empty(m, d.heads * d.head_dim)
     gate_up = h.new_empty(m, 2 * d.intermediate)
     act = h.new_empty(m, d.intermediate)
-    wide = torch.empty(m * max(d.hidden, d.heads * d.head_dim, d.intermediate), dtype=torch.float32)
+    wide = torch.empty(m * max(d.hidden, qkv_width, 2 * d.intermediate), dtype=torch.float32)
     nb = block_tables.shape[1]
+    skinny = m <= skinny_gemm.MAX_ROWS.get(h.dtype, 0)
+    sgemm, bf16gemm = _blas()
+    lora_tmp = torch.empty(m * max([1, *ops[:, 1].tolist()]), dtype=torch.float32)
     getattr(_library(), DTYPES[h.dtype])(
-        ptrs.shape[0], ptrs.data_ptr(), h.data_ptr(), m, d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate,
+        ptrs.shape[0], ptrs.data_ptr(), ops.data_ptr(), h.data_ptr(), m, d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate,
         d.eps, d.scale, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), nb, block_size,
         nb * block_size, splits, x.data_ptr(), qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
-        wide.data_ptr(), torch.get_num_threads())
+        wide.data_ptr(), lora_tmp.data_ptr(), skinny, sgemm, bf16gemm, torch.get_num_threads())
     return h
 
 
 def supports(h: torch.Tensor, dims: Dims) -> bool:
-    """CPU, fp32 / bf16, as many rows as the small-batch GEMM takes, h contiguous, heads the kernel handles."""
+    """CPU, fp32 / bf16, h contiguous with rows for the small-batch GEMM (or up to MAX_ROWS where torch's BLAS
+    was found for the dtype), heads the kernel handles."""
+    limit = MAX_ROWS if _blas()[h.dtype == torch.bfloat16] else skinny_gemm.MAX_ROWS.get(h.dtype, 0)
     return (h.device.type == "cpu" and h.dtype in DTYPES and h.dim() == 2 and h.is_contiguous()
-            and 0 < h.shape[0] <= skinny_gemm.MAX_ROWS.get(h.dtype, 0) and dims.head_dim <= MAX_HEAD_DIM
+            and 0 < h.shape[0] <= limit and dims.head_dim <= MAX_HEAD_DIM
             and dims.head_dim % 2 == 0 and dims.heads % dims.kv_heads == 0 and available())
 
 
@@ -79,8 +93,26 @@ def _library() -> ctypes.CDLL | None:
     for name in DTYPES.values():
         fn = getattr(lib, name)
         fn.restype = None
-        fn.argtypes = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 6
+        fn.argtypes = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 6
                        + [ctypes.c_float, ctypes.c_float] + [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int,
                                                                                     ctypes.c_long, ctypes.c_int]
-                       + [ctypes.c_void_p] * 6 + [ctypes.c_int])
+                       + [ctypes.c_void_p] * 7 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
     return lib
+
+
+@functools.cache
+def _blas() -> tuple[int, int]:
+    """Addresses of the GEMMs in torch's own library (MKL in the x86 wheels): Fortran `sgemm_` and
+    `cblas_gemm_bf16bf16f32`, 0 where absent (then only the small-batch GEMM's rows are taken)."""
+    import os
+    found = []
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    except OSError:
+        return 0, 0
+    for name in ("sgemm_", "cblas_gemm_bf16bf16f32"):
+        try:
+            found.append(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0)
+        except AttributeError:
+            found.append(0)
+    return found[0], found[1]

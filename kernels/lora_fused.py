@@ -57,7 +57,7 @@ def lora_fused_ref(x: torch.Tensor, a: torch.Tensor, sl: Slices, seg: SegmentMet
 
 def lora_fused(x: torch.Tensor, a: torch.Tensor, sl: Slices, seg: SegmentMeta, y: torch.Tensor) -> torch.Tensor:
     """`lora_fused_ref` by the C kernel. Needs `supports(...)`."""
-    num_segments, starts, lens, slots = _segments(seg)
+    num_segments, starts, lens, slots = segment_arrays(seg)
     getattr(_library(), DTYPES[x.dtype])(
         x.data_ptr(), x.stride(0), x.shape[1], a.data_ptr(), a.shape[1], y.data_ptr(), y.stride(0), num_segments,
         starts, lens, slots, len(sl.b_t), *sl.rows, torch.get_num_threads())
@@ -74,7 +74,7 @@ def available() -> bool:
     return _library() is not None
 
 
-def _segments(seg: SegmentMeta) -> tuple[int, int, int, int]:
+def segment_arrays(seg: SegmentMeta) -> tuple[int, int, int, int]:
     """(count, addresses of the int64 starts, lens, slots), built once per SegmentMeta (every layer of the step
     reuses them; the arrays are kept alive in its `derived`)."""
     found = seg.derived.get("native_segments")

@@ -195,11 +195,11 @@ class LlamaModel(nn.Module):
     def decode_stack(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta,
                      kv: KVCache) -> bool:
         """Every decoder layer in one kernels/decode_layers call (h updated in place), when the step is decodes
-        only (one group, one query per sequence, rows in order) and no adapter acts inside the layers. False:
-        nothing done, the module path runs."""
+        only (one group, one query per sequence, rows in order) and the adapters acting inside the layers give
+        their deltas as the kernel's ops (LoRA). False: nothing done, the module path runs."""
         hooks = meta.hooks
-        if (hooks.linear_input or hooks.linear or hooks.sublayer or hooks.kv or meta.layer_attn_groups is not None
-                or len(meta.attn_groups) != 1):
+        if (hooks.linear_input or hooks.sublayer or hooks.kv or len(hooks.native_linear) != len(hooks.linear)
+                or meta.layer_attn_groups is not None or len(meta.attn_groups) != 1):
             return False
         g = meta.attn_groups[0]
         b, nq = g.token_index.shape
@@ -209,7 +209,7 @@ class LlamaModel(nn.Module):
         if nq != 1 or g.first_row != 0 or b != h.shape[0] or g.valid is not None or not dl.supports(h, dims):
             return False
         masks = {window: mask.view(b, -1) for window, mask in g.masks.items()}
-        rows = []
+        rows, ops = [], []
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
@@ -223,8 +223,18 @@ class LlamaModel(nn.Module):
             row.append(layer.post_attention_layernorm.weight.data_ptr())
             for m in linears[2:]:
                 row += [m.weight.data_ptr(), 0 if m.bias is None else m.bias.data_ptr()]
-            rows.append(row + [kv.k[i].data_ptr(), kv.v[i].data_ptr(), mask.data_ptr()])
-        dl.decode_layers(h, torch.tensor(rows, dtype=torch.long), dims, cos.view(b, -1), sin.view(b, -1),
+            row += [kv.k[i].data_ptr(), kv.v[i].data_ptr(), mask.data_ptr()]
+            for m in linears:                             # adapters' deltas as the kernel's LoRA ops
+                first = len(ops)
+                for hook in hooks.native_linear:
+                    found = hook(meta, m)
+                    if found is None:
+                        return False
+                    ops += found
+                row += [first, len(ops) - first]
+            rows.append(row)
+        ops = torch.tensor(ops, dtype=torch.long) if ops else torch.zeros(1, len(dl.OP_FIELDS), dtype=torch.long)
+        dl.decode_layers(h, torch.tensor(rows, dtype=torch.long), ops, dims, cos.view(b, -1), sin.view(b, -1),
                          meta.slot_mapping, g.block_tables, kv.block_size,
                          pd._splits(b, s.num_kv_heads, torch.get_num_threads()))
         return True

@@ -1,7 +1,7 @@
 """kernels/decode_layers: a decode step's whole decoder stack in one C call gives the module path's logits (fp32
 to rounding; bf16 to bf16 rounding) and transformers' tokens, on every tiny architecture (GQA, llama3 RoPE, a
-sliding window, qkv bias), a row's result does not depend on its batch, and it steps aside where it does not
-apply (adapters inside the layers, prefill rows)."""
+sliding window, qkv bias), with LoRA adapters as its ops gives PEFT's, a row's result does not depend on its
+batch, and it steps aside where it does not apply (DoRA, prefill rows)."""
 from __future__ import annotations
 
 import pytest
@@ -67,16 +67,75 @@ def test_a_sequences_logits_do_not_depend_on_its_batch(tiny_model_dir, stack_cal
     assert torch.equal(together[1][1:], alone[0][1:])       # every decode step's logits, bit for bit
 
 
-def test_adapters_inside_the_layers_take_the_module_path(tiny_model_dir, tmp_path, stack_calls):
+def test_lora_decodes_run_in_the_stack_and_match_peft(tiny_model_dir, tmp_path, monkeypatch):
+    """Two rank buckets (r 8 -> class 16, r 32 -> class 32) and base requests in the same decode steps: the
+    adapters' deltas run as the kernel's LoRA ops, and every request equals PEFT's."""
+    from peft import LoraConfig
+    from tests.peft_fixtures import load_peft, save_adapter
+    from tests.test_lora_vs_peft import BASE, engine_with, peft_reference, run_with_adapters
+    path = tiny_model_dir("qwen2")
+    dirs = {"small": save_adapter(path, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False),
+                                  tmp_path / "small", 1),
+            "wide": save_adapter(path, LoraConfig(r=32, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  init_lora_weights=False), tmp_path / "wide", 2)}
+    ops_seen = []
+    real = dl.decode_layers
+
+    def spy(h, ptrs, ops, *args):
+        ops_seen.append(int(ptrs[:, 14::2].sum()))                # LoRA ops the layers point at
+        return real(h, ptrs, ops, *args)
+    monkeypatch.setattr(llama.dl, "decode_layers", spy)
+    prompts = make_prompts(3, [5, 9, 4, 7])
+    adapters = ["small", BASE, "wide", "small"]
+    tokens, logits = run_with_adapters(engine_with(path, dirs), prompts, adapters, [0, 0, 1, 1])
+    assert ops_seen and max(ops_seen) > 0
+    peft_model = load_peft(path, dirs)
+    for i, (prompt, name) in enumerate(zip(prompts, adapters)):
+        ref_tokens, ref_logits = peft_reference(peft_model, prompt, name)
+        assert tokens[i] == ref_tokens, (i, name)
+        torch.testing.assert_close(logits[i], ref_logits, atol=1e-4, rtol=0)
+    assert tokens[0] != run_with_adapters(engine_with(path, dirs), prompts[:1], [BASE], [0])[0][0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_beyond_the_small_batch_rows_the_blas_driver_gives_the_module_paths_logits(dtype, tiny_model_dir, tmp_path,
+                                                                                  monkeypatch, stack_calls):
     from peft import LoraConfig
     from tests.peft_fixtures import save_adapter
+    from tests.test_lora_vs_peft import BASE, run_with_adapters
+    if not dl._blas()[dtype == "bfloat16"]:
+        pytest.skip("torch's library exports no GEMM for this dtype here")
     path = tiny_model_dir("llama")
-    lora = save_adapter(path, LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False), tmp_path / "a", 3)
-    engine = engine_for(path)
-    engine.adapters.load("a", str(lora))
+    lora = save_adapter(path, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False), tmp_path / "a", 5)
+    prompts = make_prompts(9, [3 + i % 5 for i in range(20)])
+    adapters = ["a" if i % 3 else BASE for i in range(20)]
+
+    def run():
+        engine = engine_for(path, dtype=dtype, max_num_seqs=32)
+        engine.adapters.load("a", str(lora))
+        return run_with_adapters(engine, prompts, adapters, [0] * 20)
+    tokens, logits = run()
+    assert max(stack_calls) == 20
+    module_path(monkeypatch)
+    ref_tokens, ref_logits = run()
+    tol = dict(atol=2e-5, rtol=0) if dtype == "float32" else dict(atol=0.1, rtol=0.02)
+    for i in range(20):
+        torch.testing.assert_close(logits[i], ref_logits[i], **tol)
+        if dtype == "float32":
+            assert tokens[i] == ref_tokens[i]
+
+
+def test_dora_takes_the_module_path(tiny_model_dir, tmp_path, stack_calls):
+    from peft import LoraConfig
     from server.sampling import SamplingParams
+    from tests.peft_fixtures import save_adapter
+    path = tiny_model_dir("llama")
+    dora = save_adapter(path, LoraConfig(r=4, target_modules=["v_proj"], use_dora=True, init_lora_weights=False),
+                        tmp_path / "dora", 3)
+    engine = engine_for(path)
+    engine.adapters.load("d", str(dora))
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    engine.add_request("x", [5, 6, 7], params, "a")
+    engine.add_request("x", [5, 6, 7], params, "d")
     while engine.has_unfinished():
         engine.step()
     assert stack_calls == []
@@ -90,6 +149,7 @@ def test_refuses_what_it_does_not_handle():
     d = dl.Dims(64, 4, 2, 16, 160, 1e-6, 0.25)
     assert dl.supports(torch.zeros(3, 64), d)
     assert not dl.supports(torch.zeros(3, 64).half(), d)
-    assert not dl.supports(torch.zeros(17, 64), d)          # more rows than the small-batch GEMM takes
+    assert dl.supports(torch.zeros(17, 64), d) == bool(dl._blas()[0])     # beyond the small-batch GEMM: the BLAS
+    assert not dl.supports(torch.zeros(dl.MAX_ROWS + 1, 64), d)
     assert not dl.supports(torch.zeros(3, 128)[:, ::2], d)
     assert not dl.supports(torch.zeros(3, 64), dl.Dims(64, 4, 2, 1024, 160, 1e-6, 0.25))
