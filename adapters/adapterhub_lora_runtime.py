@@ -63,6 +63,10 @@ class AdapterHubLoraRuntime(LoraRuntime):
         gated = gated_requests(layout, self.name, set(self.gates)) if self.gates else []
         return GatedLoraStepView(view.segments, view.embed_segments, gated or None)
 
+    # gated deltas (per-token gates on each module's output) have no form among the decode stack's LoRA ops: its
+    # steps keep the module path
+    on_native_linear = None
+
     def on_linear(self, x: torch.Tensor, y: torch.Tensor, meta, linear: LinearSite) -> None:
         view = meta.adapters[self.name]
         lora = self.by_linear[linear]

@@ -230,9 +230,9 @@ class LinearLora:
         for width, bucket_seg in self.bucket_segments(seg):
             self.buckets[width](x, y, bucket_seg, linear)
 
-    def native_ops(self, meta, linear: LinearSite) -> list[tuple[int, ...]] | None:
+    def native_ops(self, view: "LoraStepView", linear: LinearSite) -> list[tuple[int, ...]] | None:
         """`__call__` as kernels/decode_layers LoRA ops (one per rank bucket with tokens), or None."""
-        seg = meta.adapters["lora"].segments[linear.layer]
+        seg = view.segments[linear.layer]
         if not self.buckets or seg is None:
             return []
         ops = []
@@ -314,7 +314,7 @@ class LoraRuntime(AdapterRuntime):
         self.by_linear[linear](x, y, meta, linear)
 
     def on_native_linear(self, meta, linear: LinearSite) -> list[tuple[int, ...]] | None:
-        return self.by_linear[linear].native_ops(meta, linear)
+        return self.by_linear[linear].native_ops(meta.adapters[self.name], linear)
 
     def on_embed(self, h: torch.Tensor, meta) -> None:
         self.embedding(h, meta)
