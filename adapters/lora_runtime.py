@@ -108,7 +108,7 @@ class _RankStacks:
         """This bucket's deltas for `seg` as one kernels/decode_layers LoRA op (its OP_* order), or None where that
         kernel cannot apply them (DoRA, a GPU stack, more slices or segments than it takes)."""
         fused = self._parts_of(linear)[2]
-        if (fused is None or self.dora_slots or fused.dtype != self.a.dtype or len(fused.b_t) > decode_layers.MAX_PARTS
+        if (fused is None or self._has_dora(seg) or fused.dtype != self.a.dtype or len(fused.b_t) > decode_layers.MAX_PARTS
                 or len(seg.start_list) > decode_layers.MAX_ROWS):
             return None
         count, starts, lens, slots = lora_fused.segment_arrays(seg)
@@ -118,17 +118,24 @@ class _RankStacks:
         """y[:, slices] += the LoRA deltas of the tokens in `seg` (segments by local index)."""
         parts = self._parts_of(linear)
         fused = parts[2]
-        if fused is not None and not self.dora_slots and lora_fused.supports(x, self.a, fused, y):
+        if fused is not None and not self._has_dora(seg) and lora_fused.supports(x, self.a, fused, y):
             short, seg = _by_length(seg)                          # decode-sized segments, the others
             if short is not None:
                 lora_fused.lora_fused(x, self.a, fused, short, y)  # shrink + every expand in one call
             if seg is None:
                 return
         shrunk = kernels.sgmv_shrink(x, self.a, seg)              # [T, sum(ranks)]
+        dora = self._has_dora(seg)
         for name, start, end, (col, width) in parts[1]:
-            if self.dora_slots:
+            if dora:
                 self._dora_rescale(y, seg, name, col, width)
             kernels.sgmv_expand(shrunk[:, start:end], self.b[name], seg, y, col)
+
+    def _has_dora(self, seg: SegmentMeta) -> bool:
+        """Whether a DoRA adapter has tokens in `seg` (one merely installed in this bucket does not count: its
+        plain-LoRA neighbours keep the fused paths)."""
+        return bool(self.dora_slots) and any(n and slot in self.dora_slots
+                                             for n, slot in zip(seg.len_list, seg.slot_list))
 
     def _fused_slices(self) -> lora_fused.Slices | None:
         """The slices for kernels/lora_fused (CPU stacks only: their B^T is contiguous)."""

@@ -9,7 +9,7 @@ import torch
 
 from kernels import decode_layers as dl
 from server.model import llama
-from tests.test_model_vs_hf import engine_for, hf_reference, make_prompts, run_staggered
+from tests.test_model_vs_hf import capture_logits, engine_for, hf_reference, make_prompts, run_staggered
 from tests.tiny_models import CONFIGS, load_hf
 
 
@@ -125,24 +125,36 @@ def test_beyond_the_small_batch_rows_the_blas_driver_gives_the_module_paths_logi
             assert tokens[i] == ref_tokens[i]
 
 
-def test_dora_takes_the_module_path(tiny_model_dir, tmp_path, stack_calls):
+def test_dora_takes_the_module_path_and_its_bucket_neighbours_do_not(tiny_model_dir, tmp_path, stack_calls):
+    """A DoRA adapter's steps run layer by layer; a plain LoRA adapter in the same rank bucket keeps the stack
+    (installing a DoRA adapter once sent every request of its bucket to the slow torch path) with the same
+    outputs as without the DoRA adapter installed."""
     from peft import LoraConfig
     from server.sampling import SamplingParams
     from tests.peft_fixtures import save_adapter
     path = tiny_model_dir("llama")
-    dora = save_adapter(path, LoraConfig(r=4, target_modules=["v_proj"], use_dora=True, init_lora_weights=False),
-                        tmp_path / "dora", 3)
+    dora = save_adapter(path, LoraConfig(r=4, target_modules=["v_proj", "up_proj"], use_dora=True,
+                                         init_lora_weights=False), tmp_path / "dora", 3)
+    lora = save_adapter(path, LoraConfig(r=8, target_modules=["v_proj", "up_proj"], init_lora_weights=False),
+                        tmp_path / "lora", 4)                   # ranks 4 and 8: the same rank class (16)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    def run(engine, name):
+        logits = capture_logits(engine)
+        engine.add_request(name, [5, 6, 7], params, name)
+        while engine.has_unfinished():
+            engine.step()
+        return torch.stack(logits[name])
     engine = engine_for(path)
     engine.adapters.load("d", str(dora))
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    engine.add_request("x", [5, 6, 7], params, "d")
-    while engine.has_unfinished():
-        engine.step()
+    engine.adapters.load("l", str(lora))
+    run(engine, "d")
     assert stack_calls == []
-    engine.add_request("y", [5, 6, 7], params)
-    while engine.has_unfinished():
-        engine.step()
-    assert stack_calls == [1, 1, 1]                         # the base request's decode steps
+    with_dora = run(engine, "l")
+    assert stack_calls == [1, 1, 1]
+    alone = engine_for(path)
+    alone.adapters.load("l", str(lora))
+    torch.testing.assert_close(with_dora, run(alone, "l"), atol=1e-6, rtol=0)
 
 
 def test_refuses_what_it_does_not_handle():
