@@ -15,7 +15,8 @@ Closed loop: --concurrency clients, each sending its next request when the previ
 TTFT and TPOT are seen as the client sees them). Open loop: Poisson arrivals at each --rates fraction of the
 case's closed-loop request rate. Offline: all requests added to the engine at once (max_num_seqs =
 --concurrency, so the same batch size), stepped to completion. Reported: output tok/s, TTFT and TPOT p50 / p99,
-HTTP / offline.
+HTTP / offline. With --concurrency 1 also each case's TPOT against the weight-read floor (linear weight bytes / the
+read bandwidth measured at the end of the same run, bench/step_floor.py's).
 --shared-prefix adds the shared-system-prompt workload: every prompt starts with the same ~1k-token system prompt,
 request i for LoRA adapter i mod 8, with automatic prefix caching on and off (one server each).
 
@@ -226,6 +227,8 @@ def bench_model(model: str, args) -> list[dict]:
     warm = prompts_for(model, base, 8, prompt_len, seed=1)
     rows = []
     engine = offline_engine(base, name, dirs, args)
+    from bench.step_floor import linear_weights
+    weight_bytes = sum(w.numel() * w.element_size() for w in linear_weights(engine.runner.model))
     offline, offline_steps = {}, {}
     for case in args.cases:                      # offline first (server not started: nothing else running)
         names = case_names(case, args.requests, name)
@@ -244,7 +247,7 @@ def bench_model(model: str, args) -> list[dict]:
             steps = step_summary(before, step_counts(port), time.perf_counter() - start)
             row = dict(model=model, case=case, mode=f"closed {args.concurrency}", offline_tok_s=offline[case],
                        http_over_offline=closed["tok_s"] / offline[case], **closed, steps=steps,
-                       offline_steps=offline_steps[case])
+                       offline_steps=offline_steps[case], weight_bytes=weight_bytes)
             emit(row)
             rows.append(row)
             for frac in args.rates:
@@ -302,8 +305,10 @@ def main():
     rows = []
     for model in args.models:
         rows += bench_shared_prefix(model, args) if args.shared_prefix else bench_model(model, args)
+    from bench.step_floor import read_bandwidth
+    bandwidth = read_bandwidth()                # measured here, in the same run, with no server running
     print(f"\nmachine: {machine()}; load average at start {load:.2f}, at end {os.getloadavg()[0]:.2f}; "
-          f"{args.requests} requests per case, {args.dtype}, greedy\n")
+          f"{args.requests} requests per case, {args.dtype}, greedy; read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
     print("| model | case | mode | tok/s | offline tok/s | HTTP / offline | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
           "| engine busy, HTTP / offline | mean step, HTTP / offline |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -318,6 +323,12 @@ def main():
                             else "")
         print(f"| {r['model']} | {case} | {r['mode']} | {r['tok_s']:.0f} | {off} | {r['ttft_p50_ms']:.0f} / "
               f"{r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} | {steps} |")
+    for r in rows:
+        if r["mode"] == "closed 1" and "weight_bytes" in r:    # one request at a time: a token is a weight read
+            floor = r["weight_bytes"] / bandwidth * 1e3
+            print(f"{r['model']} {r['case']} {args.dtype}, one request: TPOT p50 {r['tpot_p50_ms']:.1f} ms = "
+                  f"{r['tpot_p50_ms'] / floor:.2f}x the read floor ({r['weight_bytes'] / 1e6:.0f} MB of linear "
+                  f"weights / {bandwidth / 1e9:.1f} GB/s = {floor:.1f} ms)")
     ratios = {}
     for r in rows:
         if r["mode"].startswith("closed") and "prefix_caching" not in r:
