@@ -108,7 +108,8 @@ class _RankStacks:
         """This bucket's deltas for `seg` as one kernels/decode_layers LoRA op (its OP_* order), or None where that
         kernel cannot apply them (DoRA, a GPU stack, more slices or segments than it takes)."""
         fused = self._parts_of(linear)[2]
-        if (fused is None or self._has_dora(seg) or fused.dtype != self.a.dtype or len(fused.b_t) > decode_layers.MAX_PARTS
+        if (fused is None or self._has_dora(seg) or fused.dtype != self.a.dtype
+                or len(fused.b_t) > decode_layers.MAX_PARTS
                 or len(seg.start_list) > decode_layers.MAX_ROWS):
             return None
         count, starts, lens, slots = lora_fused.segment_arrays(seg)

@@ -65,7 +65,8 @@ def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor, dims: 
     sgemm, bf16gemm = _blas()
     lora_tmp = torch.empty(m * max([1, *ops[:, 1].tolist()]), dtype=torch.float32)
     getattr(_library(), DTYPES[h.dtype])(
-        ptrs.shape[0], ptrs.data_ptr(), ops.data_ptr(), h.data_ptr(), m, d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate,
+        ptrs.shape[0], ptrs.data_ptr(), ops.data_ptr(), h.data_ptr(), m, d.hidden, d.heads, d.kv_heads, d.head_dim,
+        d.intermediate,
         d.eps, d.scale, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), nb, block_size,
         nb * block_size, splits, x.data_ptr(), qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
         wide.data_ptr(), lora_tmp.data_ptr(), skinny, sgemm, bf16gemm, torch.get_num_threads())
@@ -87,17 +88,9 @@ def available() -> bool:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = native.load("decode_layers")
-    if lib is None:
-        return None
-    for name in DTYPES.values():
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 6
-                       + [ctypes.c_float, ctypes.c_float] + [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int,
-                                                                                    ctypes.c_long, ctypes.c_int]
-                       + [ctypes.c_void_p] * 7 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
-    return lib
+    p, i, l, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+    return native.load_functions("decode_layers", DTYPES.values(),
+                                 [i, p, p, p] + [i] * 6 + [f, f] + [p] * 4 + [i, i, l, i] + [p] * 7 + [i, p, p, i])
 
 
 @functools.cache

@@ -86,12 +86,5 @@ def segment_arrays(seg: SegmentMeta) -> tuple[int, int, int, int]:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = native.load("lora_fused")
-    if lib is None:
-        return None
     p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-    for name in DTYPES.values():
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = [p, l, i, p, i, p, l, i, p, p, p, i, p, p, p, p, p, i]
-    return lib
+    return native.load_functions("lora_fused", DTYPES.values(), [p, l, i, p, i, p, l, i, p, p, p, i, p, p, p, p, p, i])

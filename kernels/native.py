@@ -38,6 +38,17 @@ def load(name: str) -> ctypes.CDLL | None:
     return None
 
 
+def load_functions(name: str, functions, argtypes: list) -> ctypes.CDLL | None:
+    """`load(name)` with each of `functions` typed (no result, `argtypes`), or None."""
+    lib = load(name)
+    if lib is not None:
+        for function in functions:
+            fn = getattr(lib, function)
+            fn.restype = None
+            fn.argtypes = list(argtypes)
+    return lib
+
+
 def _build(source: Path) -> Path:
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:

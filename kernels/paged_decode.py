@@ -73,13 +73,6 @@ def available() -> bool:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = native.load("paged_decode")
-    if lib is None:
-        return None
-    for name in DTYPES.values():
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
-                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
-                       + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
-    return lib
+    p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    return native.load_functions("paged_decode", DTYPES.values(),
+                                 [p, l, l, p, p, p, p, l, p] + [i] * 6 + [ctypes.c_float, i, i])

@@ -54,12 +54,5 @@ def available() -> bool:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = native.load("skinny_gemm")
-    if lib is None:
-        return None
-    for name in DTYPES.values():
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    return lib
+    p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    return native.load_functions("skinny_gemm", DTYPES.values(), [p, l, p, p, p, l, i, i, i, i])
