@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "vexp.h"
 
 /* One element of a row as fp32; `bf16` is a compile-time constant in each exported kernel. */
 static inline float attend_load(const void *row, int d, int bf16) {
@@ -65,14 +66,21 @@ attend(const void *q, long q_row, long q_head, const void *k, const void *v, con
                 }
             }
             if (bmax > mx[h]) {                                 /* rescale what was summed under the old max */
-                const float c = expf(mx[h] - bmax);
+                const float c = vexp(mx[h] - bmax);
                 float *ah = acc + h * D;
                 for (int d = 0; d < D; d++) ah[d] *= c;
                 sum[h] *= c;
                 mx[h] = bmax;
             }
-            for (int t = 0; t < BS; t++)
-                if (mb[t]) sum[h] += (s[h * BS + t] = expf(s[h * BS + t] - mx[h]));
+            float *sh = s + h * BS, bsum = 0.f;
+            const float mh = mx[h];
+#pragma omp simd reduction(+:bsum)
+            for (int t = 0; t < BS; t++) {                      /* weights of the block's keys, 0 if masked */
+                const float e = mb[t] ? vexp(sh[t] - mh) : 0.f;
+                sh[t] = e;
+                bsum += e;
+            }
+            sum[h] += bsum;
         }
         for (int t = 0; t < BS; t++) {                          /* values, row by row */
             if (!mb[t]) continue;

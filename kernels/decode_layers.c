@@ -9,8 +9,12 @@
  * the only cost between phases.
  *
  *   h        [M, HD]             the residual stream (contiguous), updated in place: the stack's output
+ *   ids      [M] int64           the tokens: when given, h starts as their rows of `embed` [V, HD]; else h is given
  *   ptrs     [L, NPTR] int64     per layer the addresses below (a bias 0 when the layer has none)
- *   cos, sin [M, D]              RoPE tables of this step's positions (sin signed: LlamaModel.rope)
+ *   pos      [M] int64           each token's position: its RoPE row of `cos`, `sin` [*, D] (the model's tables,
+ *                                sin signed: LlamaModel.rope_tables)
+ *   head     when `logits` is given, the step ends with the final RMSNorm (`norm`) and the lm_head (`head_w`,
+ *            `head_b`, its LoRA ops `head_ops`) into logits [M, V]: every row is sampled in a decode step
  *   slots    [M] int64           cache row of each token's K / V
  *   tables   [M, NB] int64       each sequence's KV blocks; mask [M, NB * BS] bool per layer (its window)
  *   x, qkv, attn, gu, act        scratch [M, HD], [M, (NH + 2 KVH) D], [M, NH D], [M, 2 I], [M, I]
@@ -27,6 +31,7 @@
 #include "bf16.h"
 #include "lora.h"
 #include "skinny.h"
+#include "vexp.h"
 
 enum { NORM1, QKV_W, QKV_B, O_W, O_B, NORM2, GU_W, GU_B, DOWN_W, DOWN_B, K_CACHE, V_CACHE, MASK,
        LORA0, NPTR = LORA0 + 8 };   /* LORA0 + 2 j, + 1: first op and count of linear j's LoRA ops (qkv, o, gu, down) */
@@ -34,6 +39,8 @@ enum { NORM1, QKV_W, QKV_B, O_W, O_B, NORM2, GU_W, GU_B, DOWN_W, DOWN_B, K_CACHE
 enum { OP_A, OP_R, OP_TABLE, OP_PARTS, OP_NSEG, OP_STARTS, OP_LENS, OP_SLOTS, NOP };
 #define MAX_SEGS 64       /* segments of one op: at most one per row (kernels/decode_layers.py MAX_ROWS) */
 #define MAX_PARTS 8
+#define MAX_HEAD_DIM 512  /* kernels/decode_layers.py MAX_HEAD_DIM */
+#define SILU_CHUNK 256    /* SiLU columns per work item: a row's shared by the threads */
 
 static inline float rnd(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
@@ -61,23 +68,29 @@ residual_row(void *h, const void *o, const void *w, void *out, int n, float eps,
  * rounds them (no contraction into a fused multiply-add). */
 __attribute__((optimize("fp-contract=off"), noinline)) static void
 rope_row(void *row, const void *cos, const void *sin, int heads, int D, int bf16) {
-    float t[512];
+    float t[MAX_HEAD_DIM];
+    const int half = D / 2;
     for (int hd = 0; hd < heads; hd++) {
         char *x = (char *)row + (long)hd * D * (bf16 ? 2 : 4);
-        for (int d = 0; d < D; d++) {
-            const float a = rnd(load_w(x, d, bf16) * load_w(cos, d, bf16), bf16);
-            const float b = rnd(load_w(x, (d + D / 2) % D, bf16) * load_w(sin, d, bf16), bf16);
-            t[d] = a + b;
-        }
+#pragma omp simd
+        for (int d = 0; d < half; d++)
+            t[d] = rnd(load_w(x, d, bf16) * load_w(cos, d, bf16), bf16)
+                 + rnd(load_w(x, d + half, bf16) * load_w(sin, d, bf16), bf16);
+#pragma omp simd
+        for (int d = half; d < D; d++)
+            t[d] = rnd(load_w(x, d, bf16) * load_w(cos, d, bf16), bf16)
+                 + rnd(load_w(x, d - half, bf16) * load_w(sin, d, bf16), bf16);
         for (int d = 0; d < D; d++) store(x, d, t[d], bf16);
     }
 }
 
-/* act = SiLU(gate) * up, each rounded as torch rounds (SiLU's output, then the product). */
-static inline __attribute__((always_inline)) void silu_mul_row(const void *gu, void *act, int n, int bf16) {
-    for (int i = 0; i < n; i++) {
-        const float g = load_w(gu, i, bf16);
-        store(act, i, rnd(g / (1.f + expf(-g)), bf16) * load_w(gu, n + i, bf16), bf16);
+/* act[i0, i1) = SiLU(gate) * up, each rounded as torch rounds (SiLU's output, then the product). */
+static inline __attribute__((always_inline)) void
+silu_mul(const void *gate, const void *up, void *act, int i0, int i1, int bf16) {
+#pragma omp simd
+    for (int i = i0; i < i1; i++) {
+        const float g = load_w(gate, i, bf16);
+        store(act, i, rnd(g / (1.f + vexp(-g)), bf16) * load_w(up, i, bf16), bf16);
     }
 }
 
@@ -94,15 +107,22 @@ typedef struct {
     int L, M, HD, NH, KVH, D, I, NB, BS, splits, threads;
     float eps, scale;
     long mask_row;
-    const int64_t *ptrs, *ops, *slots, *tables;
-    char *h, *x, *qkv, *attn, *gu, *act;
-    const char *cos, *sin;
+    const int64_t *ptrs, *ops, *slots, *tables, *ids, *pos, *head_ops;   /* head_ops: first op, count */
+    char *h, *x, *qkv, *attn, *gu, *act, *logits;
+    const char *cos, *sin, *embed, *norm, *head_w, *head_b;
+    int V;
     float *wide, *lora_tmp;       /* fp32 scratch: see the header; the LoRA shrink output [M * max R] */
     sgemm_fn sgemm;
     bf16gemm_fn bf16gemm;
 } Step;
 
 /* ---- phases: work-shared loops (`omp for`, each ending in a barrier) run by every thread of the enclosing region */
+static inline __attribute__((always_inline)) void phase_embed(const Step *s, int bf16) {
+    const long row = (long)s->HD * (bf16 ? 2 : 4);
+#pragma omp for schedule(static)
+    for (int m = 0; m < s->M; m++) memcpy(s->h + m * row, s->embed + s->ids[m] * row, row);
+}
+
 static inline __attribute__((always_inline)) void phase_norm(const Step *s, const int64_t *p, int bf16) {
     const int es = bf16 ? 2 : 4;
 #pragma omp for schedule(static)
@@ -110,21 +130,26 @@ static inline __attribute__((always_inline)) void phase_norm(const Step *s, cons
         rmsnorm_row(s->h + (long)m * s->HD * es, ADDR(p, NORM1), s->x + (long)m * s->HD * es, s->HD, s->eps, bf16);
 }
 
+/* Per work item (a sequence, a range of its kv heads): RoPE of those kv heads' query and key heads, their K / V
+ * rows into the cache, then the attention of their query heads (kernels/attend.h). Items share nothing. */
 static inline __attribute__((always_inline)) void phase_attention(const Step *s, const int64_t *p, int bf16) {
-    const int es = bf16 ? 2 : 4, NQKV = (s->NH + 2 * s->KVH) * s->D, QD = s->NH * s->D, nkh = s->KVH / s->splits;
-    const long kv_row = (long)s->KVH * s->D;
-#pragma omp for schedule(static)
-    for (int m = 0; m < s->M; m++) {
-        char *row = s->qkv + (long)m * NQKV * es;
-        rope_row(row, s->cos + (long)m * s->D * es, s->sin + (long)m * s->D * es, s->NH + s->KVH, s->D, bf16);
-        memcpy((char *)ADDR(p, K_CACHE) + s->slots[m] * kv_row * es, row + (long)QD * es, kv_row * es);
-        memcpy((char *)ADDR(p, V_CACHE) + s->slots[m] * kv_row * es, row + (QD + kv_row) * es, kv_row * es);
-    }
+    const int es = bf16 ? 2 : 4, NQKV = (s->NH + 2 * s->KVH) * s->D, QD = s->NH * s->D, nkh = s->KVH / s->splits,
+              G = s->NH / s->KVH, D = s->D;
+    const long kv_row = (long)s->KVH * D;
 #pragma omp for collapse(2) schedule(static)
     for (int b = 0; b < s->M; b++)
-        for (int part = 0; part < s->splits; part++)
-            attend(s->qkv, NQKV, s->D, ADDR(p, K_CACHE), ADDR(p, V_CACHE), s->tables, ADDR(p, MASK), s->mask_row,
-                   s->attn, b, part * nkh, nkh, s->NH, s->KVH, s->D, s->NB, s->BS, s->scale, bf16);
+        for (int part = 0; part < s->splits; part++) {
+            const int kh0 = part * nkh;
+            char *row = s->qkv + (long)b * NQKV * es, *k = row + (long)(QD + kh0 * D) * es,
+                 *v = row + (QD + kv_row + kh0 * D) * es;
+            const long at = s->pos[b] * D * es, slot = s->slots[b] * kv_row + (long)kh0 * D;
+            rope_row(row + (long)kh0 * G * D * es, s->cos + at, s->sin + at, nkh * G, D, bf16);
+            rope_row(k, s->cos + at, s->sin + at, nkh, D, bf16);
+            memcpy((char *)ADDR(p, K_CACHE) + slot * es, k, (long)nkh * D * es);
+            memcpy((char *)ADDR(p, V_CACHE) + slot * es, v, (long)nkh * D * es);
+            attend(s->qkv, NQKV, D, ADDR(p, K_CACHE), ADDR(p, V_CACHE), s->tables, ADDR(p, MASK), s->mask_row,
+                   s->attn, b, kh0, nkh, s->NH, s->KVH, D, s->NB, s->BS, s->scale, bf16);
+        }
 }
 
 /* h += x; then x = RMSNorm(h) * norm when norm is given */
@@ -136,19 +161,31 @@ static inline __attribute__((always_inline)) void phase_residual(const Step *s, 
                      s->HD, s->eps, bf16);
 }
 
-static inline __attribute__((always_inline)) void phase_silu(const Step *s, int bf16) {
-    const int es = bf16 ? 2 : 4;
-#pragma omp for schedule(static)
-    for (int m = 0; m < s->M; m++)
-        silu_mul_row(s->gu + (long)m * 2 * s->I * es, s->act + (long)m * s->I * es, s->I, bf16);
+/* The norm after layer l's residual: layer l + 1's first (its input), or after the last layer the final norm
+ * when the lm_head follows; the residual phase applies it, so x is the next matmul's input. */
+static inline const void *next_norm(const Step *s, int l) {
+    if (l + 1 < s->L) return ADDR(s->ptrs + (long)(l + 1) * NPTR, NORM1);
+    return s->logits ? s->norm : NULL;
 }
 
-/* Linear j's LoRA deltas added into y: per op (rank bucket) the shrink of every segment's rows, then every
- * slice's expand (kernels/lora.h), as kernels/lora_fused.c does in its own region. */
+static inline __attribute__((always_inline)) void phase_silu(const Step *s, int bf16) {
+    const int es = bf16 ? 2 : 4, chunks = (s->I + SILU_CHUNK - 1) / SILU_CHUNK;
+#pragma omp for collapse(2) schedule(static)
+    for (int m = 0; m < s->M; m++)
+        for (int c = 0; c < chunks; c++) {
+            const char *gate = s->gu + (long)m * 2 * s->I * es;
+            const int i0 = c * SILU_CHUNK, i1 = i0 + SILU_CHUNK < s->I ? i0 + SILU_CHUNK : s->I;
+            silu_mul(gate, gate + (long)s->I * es, s->act + (long)m * s->I * es, i0, i1, bf16);
+        }
+}
+
+/* A linear's LoRA deltas (ops first .. first + count - 1 of s->ops) added into y: per op (rank bucket) the shrink
+ * of every segment's rows, then every slice's expand (kernels/lora.h), as kernels/lora_fused.c does in its own
+ * region. */
 static inline __attribute__((always_inline)) void
-phase_lora(const Step *s, const int64_t *p, int j, const void *x, int H_in, void *y, long y_row, int bf16) {
-    for (int o = 0; o < p[LORA0 + 2 * j + 1]; o++) {
-        const int64_t *op = s->ops + (p[LORA0 + 2 * j] + o) * NOP;
+phase_lora(const Step *s, const int64_t *range, const void *x, int H_in, void *y, long y_row, int bf16) {
+    for (int o = 0; o < range[1]; o++) {
+        const int64_t *op = s->ops + (range[0] + o) * NOP;
         const int R = (int)op[OP_R], P = (int)op[OP_PARTS], nseg = (int)op[OP_NSEG];
         const int64_t *t = ADDR(op, OP_TABLE), *ss = ADDR(op, OP_STARTS), *sl = ADDR(op, OP_LENS),
                       *sk = ADDR(op, OP_SLOTS);
@@ -177,21 +214,28 @@ phase_lora(const Step *s, const int64_t *p, int j, const void *x, int H_in, void
 static inline __attribute__((always_inline)) void run_skinny(const Step *s, int bf16) {
     const int NQKV = (s->NH + 2 * s->KVH) * s->D, QD = s->NH * s->D, HD = s->HD, I = s->I, M = s->M;
 #pragma omp parallel num_threads(s->threads)
-    for (int l = 0; l < s->L; l++) {
-        const int64_t *p = s->ptrs + (long)l * NPTR;
-        phase_norm(s, p, bf16);
-        skinny_phase(s->x, HD, ADDR(p, QKV_W), ADDR(p, QKV_B), s->qkv, NQKV, M, NQKV, HD, bf16, s->wide);
-        phase_lora(s, p, 0, s->x, HD, s->qkv, NQKV, bf16);
-        phase_attention(s, p, bf16);
-        skinny_phase(s->attn, QD, ADDR(p, O_W), ADDR(p, O_B), s->x, HD, M, HD, QD, bf16, s->wide);
-        phase_lora(s, p, 1, s->attn, QD, s->x, HD, bf16);
-        phase_residual(s, ADDR(p, NORM2), bf16);
-        skinny_phase(s->x, HD, ADDR(p, GU_W), ADDR(p, GU_B), s->gu, 2 * I, M, 2 * I, HD, bf16, s->wide);
-        phase_lora(s, p, 2, s->x, HD, s->gu, 2 * I, bf16);
-        phase_silu(s, bf16);
-        skinny_phase(s->act, I, ADDR(p, DOWN_W), ADDR(p, DOWN_B), s->x, HD, M, HD, I, bf16, s->wide);
-        phase_lora(s, p, 3, s->act, I, s->x, HD, bf16);
-        phase_residual(s, NULL, bf16);
+    {
+        if (s->ids) phase_embed(s, bf16);
+        for (int l = 0; l < s->L; l++) {
+            const int64_t *p = s->ptrs + (long)l * NPTR;
+            if (l == 0) phase_norm(s, p, bf16);             /* later layers': by the residual ending the last */
+            skinny_phase(s->x, HD, ADDR(p, QKV_W), ADDR(p, QKV_B), s->qkv, NQKV, M, NQKV, HD, bf16, s->wide);
+            phase_lora(s, p + LORA0, s->x, HD, s->qkv, NQKV, bf16);
+            phase_attention(s, p, bf16);
+            skinny_phase(s->attn, QD, ADDR(p, O_W), ADDR(p, O_B), s->x, HD, M, HD, QD, bf16, s->wide);
+            phase_lora(s, p + LORA0 + 2, s->attn, QD, s->x, HD, bf16);
+            phase_residual(s, ADDR(p, NORM2), bf16);
+            skinny_phase(s->x, HD, ADDR(p, GU_W), ADDR(p, GU_B), s->gu, 2 * I, M, 2 * I, HD, bf16, s->wide);
+            phase_lora(s, p + LORA0 + 4, s->x, HD, s->gu, 2 * I, bf16);
+            phase_silu(s, bf16);
+            skinny_phase(s->act, I, ADDR(p, DOWN_W), ADDR(p, DOWN_B), s->x, HD, M, HD, I, bf16, s->wide);
+            phase_lora(s, p + LORA0 + 6, s->act, I, s->x, HD, bf16);
+            phase_residual(s, next_norm(s, l), bf16);
+        }
+        if (s->logits) {
+            skinny_phase(s->x, HD, s->head_w, s->head_b, s->logits, s->V, M, s->V, HD, bf16, s->wide);
+            phase_lora(s, s->head_ops, s->x, HD, s->logits, s->V, bf16);
+        }
     }
 }
 
@@ -221,41 +265,47 @@ blas_linear(const Step *s, const void *x, long x_row, const void *w, const void 
     do {                                                                                                        \
         _Pragma("omp parallel num_threads(s->threads)") { stmt; }                                               \
     } while (0)
-#define PAR_LORA(j, x, H_in, y, y_row)                                                                          \
+#define PAR_LORA(range, x, H_in, y, y_row)                                                                      \
     do {                                                                                                        \
-        if (p[LORA0 + 2 * (j) + 1]) PAR(phase_lora(s, p, j, x, H_in, y, y_row, bf16));                          \
+        if ((range)[1]) PAR(phase_lora(s, range, x, H_in, y, y_row, bf16));                                    \
     } while (0)
 
 static inline __attribute__((always_inline)) void run_blas(const Step *s, int bf16) {
     const int NQKV = (s->NH + 2 * s->KVH) * s->D, QD = s->NH * s->D, HD = s->HD, I = s->I;
+    if (s->ids) PAR(phase_embed(s, bf16));
     for (int l = 0; l < s->L; l++) {
         const int64_t *p = s->ptrs + (long)l * NPTR;
-        PAR(phase_norm(s, p, bf16));
+        if (l == 0) PAR(phase_norm(s, p, bf16));
         blas_linear(s, s->x, HD, ADDR(p, QKV_W), ADDR(p, QKV_B), s->qkv, NQKV, NQKV, HD, bf16);
-        PAR_LORA(0, s->x, HD, s->qkv, NQKV);
+        PAR_LORA(p + LORA0 + 0, s->x, HD, s->qkv, NQKV);
         PAR(phase_attention(s, p, bf16));
         blas_linear(s, s->attn, QD, ADDR(p, O_W), ADDR(p, O_B), s->x, HD, HD, QD, bf16);
-        PAR_LORA(1, s->attn, QD, s->x, HD);
+        PAR_LORA(p + LORA0 + 2, s->attn, QD, s->x, HD);
         PAR(phase_residual(s, ADDR(p, NORM2), bf16));
         blas_linear(s, s->x, HD, ADDR(p, GU_W), ADDR(p, GU_B), s->gu, 2 * I, 2 * I, HD, bf16);
-        PAR_LORA(2, s->x, HD, s->gu, 2 * I);
+        PAR_LORA(p + LORA0 + 4, s->x, HD, s->gu, 2 * I);
         PAR(phase_silu(s, bf16));
         blas_linear(s, s->act, I, ADDR(p, DOWN_W), ADDR(p, DOWN_B), s->x, HD, HD, I, bf16);
-        PAR_LORA(3, s->act, I, s->x, HD);
-        PAR(phase_residual(s, NULL, bf16));
+        PAR_LORA(p + LORA0 + 6, s->act, I, s->x, HD);
+        PAR(phase_residual(s, next_norm(s, l), bf16));
+    }
+    if (s->logits) {
+        blas_linear(s, s->x, HD, s->head_w, s->head_b, s->logits, s->V, s->V, HD, bf16);
+        PAR_LORA(s->head_ops, s->x, HD, s->logits, s->V);
     }
 }
 
 /* skinny: the matmuls by the small-batch GEMM (else sgemm / bf16gemm, which must then be given) */
 #define EXPORT(NAME, BF16)                                                                                      \
     void NAME(int L, const int64_t *ptrs, const int64_t *ops, void *h, int M, int HD, int NH, int KVH, int D,   \
-              int I, float eps, float scale, const void *cos, const void *sin, const int64_t *slots,            \
-              const int64_t *tables, int NB, int BS, long mask_row, int splits, void *x, void *qkv, void *attn, \
-              void *gu, void *act, float *wide, float *lora_tmp, int skinny, void *sgemm, void *bf16gemm,       \
-              int num_threads) {                                                                                \
+              int I, float eps, float scale, const int64_t *ids, const void *embed, const int64_t *pos,         \
+              const void *cos, const void *sin, const int64_t *slots, const int64_t *tables, int NB, int BS,    \
+              long mask_row, int splits, const void *norm, const void *head_w, const void *head_b,              \
+              const int64_t *head_ops, void *logits, int V, void *x, void *qkv, void *attn, void *gu, void *act, \
+              float *wide, float *lora_tmp, int skinny, void *sgemm, void *bf16gemm, int num_threads) {         \
         const Step s = {L, M, HD, NH, KVH, D, I, NB, BS, splits, num_threads, eps, scale, mask_row, ptrs, ops,  \
-                        slots, tables, h, x, qkv, attn, gu, act, cos, sin, wide, lora_tmp, (sgemm_fn)sgemm,    \
-                        (bf16gemm_fn)bf16gemm};                                                                 \
+                        slots, tables, ids, pos, head_ops, h, x, qkv, attn, gu, act, logits, cos, sin, embed,  \
+                        norm, head_w, head_b, V, wide, lora_tmp, (sgemm_fn)sgemm, (bf16gemm_fn)bf16gemm};       \
         if (skinny) run_skinny(&s, BF16);                                                                       \
         else run_blas(&s, BF16);                                                                                \
     }

@@ -44,14 +44,26 @@ class Dims:
     scale: float
 
 
-def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor, dims: Dims, cos: torch.Tensor,
-                  sin: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor, block_size: int,
-                  splits: int) -> torch.Tensor:
-    """Run every layer of `ptrs` ([L, len(FIELDS)] int64) on h [M, hidden] in place; returns h. ops: [n,
-    len(OP_FIELDS)] int64, the LoRA ops the layers' rows point at (their slots index the A / B stacks).
+@dataclass(frozen=True)
+class Head:
+    """The step's end, when every row is sampled: logits = lm_head(RMSNorm(h) * norm) (+ its LoRA ops)."""
+    norm: torch.Tensor          # [hidden]
+    weight: torch.Tensor        # [V, hidden] contiguous
+    bias: torch.Tensor | None
+    ops: tuple[int, int]        # first row of its LoRA ops in `ops`, and their count
 
-    cos, sin: [M, head_dim] contiguous (signed sin); slots [M], block_tables [M, NB] int64; each layer's mask
-    [M, NB * block_size] bool contiguous. Needs `supports(...)`."""
+
+def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor, dims: Dims, positions: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
+                  block_size: int, splits: int, ids: torch.Tensor | None = None, embed: torch.Tensor | None = None,
+                  head: Head | None = None) -> torch.Tensor:
+    """Run every layer of `ptrs` ([L, len(FIELDS)] int64) on h [M, hidden] in place. ops: [n, len(OP_FIELDS)]
+    int64, the LoRA ops the layers' rows point at (their slots index the A / B stacks). With `ids` ([M] int64),
+    h starts as their rows of `embed` [V, hidden] (h's contents are ignored). Returns h, or with `head` the logits
+    [M, V] in h's dtype.
+
+    positions [M] int64 index the RoPE tables cos, sin [P, head_dim] (contiguous, sin signed); slots [M],
+    block_tables [M, NB] int64; each layer's mask [M, NB * block_size] bool contiguous. Needs `supports(...)`."""
     m, d = h.shape[0], dims
     qkv_width = (d.heads + 2 * d.kv_heads) * d.head_dim
     x = h.new_empty(m, d.hidden)
@@ -59,18 +71,27 @@ def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor, dims: 
     attn = h.new_empty(m, d.heads * d.head_dim)
     gate_up = h.new_empty(m, 2 * d.intermediate)
     act = h.new_empty(m, d.intermediate)
-    wide = torch.empty(m * max(d.hidden, qkv_width, 2 * d.intermediate), dtype=torch.float32)
+    vocab = 0 if head is None else head.weight.shape[0]
+    wide = torch.empty(m * max(d.hidden, qkv_width, 2 * d.intermediate, vocab), dtype=torch.float32)
     nb = block_tables.shape[1]
     skinny = m <= skinny_gemm.MAX_ROWS.get(h.dtype, 0)
     sgemm, bf16gemm = _blas()
     lora_tmp = torch.empty(m * max([1, *ops[:, 1].tolist()]), dtype=torch.float32)
+    logits = h.new_empty(m, vocab) if head is not None else None
+    norm, weight, bias = (None, None, None) if head is None else (head.norm, head.weight, head.bias)
+    head_ops = torch.tensor((0, 0) if head is None else head.ops, dtype=torch.long)
     getattr(_library(), DTYPES[h.dtype])(
         ptrs.shape[0], ptrs.data_ptr(), ops.data_ptr(), h.data_ptr(), m, d.hidden, d.heads, d.kv_heads, d.head_dim,
-        d.intermediate,
-        d.eps, d.scale, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), nb, block_size,
-        nb * block_size, splits, x.data_ptr(), qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
+        d.intermediate, d.eps, d.scale, _ptr(ids), _ptr(embed), positions.data_ptr(), cos.data_ptr(),
+        sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), nb, block_size, nb * block_size, splits,
+        _ptr(norm), _ptr(weight), _ptr(bias), head_ops.data_ptr(),
+        _ptr(logits), vocab, x.data_ptr(), qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
         wide.data_ptr(), lora_tmp.data_ptr(), skinny, sgemm, bf16gemm, torch.get_num_threads())
-    return h
+    return h if logits is None else logits
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def supports(h: torch.Tensor, dims: Dims) -> bool:
@@ -90,7 +111,8 @@ def available() -> bool:
 def _library() -> ctypes.CDLL | None:
     p, i, l, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     return native.load_functions("decode_layers", DTYPES.values(),
-                                 [i, p, p, p] + [i] * 6 + [f, f] + [p] * 4 + [i, i, l, i] + [p] * 7 + [i, p, p, i])
+                                 [i, p, p, p] + [i] * 6 + [f, f] + [p] * 7 + [i, i, l, i] + [p] * 5 + [i]
+                                 + [p] * 7 + [i, p, p, i])
 
 
 @functools.cache

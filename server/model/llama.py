@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters import interface
-from kernels import decode_layers as dl
-from kernels import paged_decode as pd
 from kernels import skinny_gemm
 from server.batch import BatchMeta
 from server.model.attention import KVCache, paged_attention
+from server.model.decode_stack import DecodeStack
 from adapters.model_spec import ModelSpec
 
 
@@ -153,6 +152,8 @@ class LlamaModel(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", spec.inv_freq.clone(), persistent=False)
+        self._rope_tables: dict = {}
+        self._decode_stack: DecodeStack | None = None
 
     def linears(self) -> list[Linear]:
         """Every (fused) linear, decoder layers in order, then the lm_head."""
@@ -183,61 +184,26 @@ class LlamaModel(nn.Module):
         raise KeyError(f"no module {module!r} in layer {layer}")
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, signed sin) of every token, [T, 1, D] each: computed once per step, used by every layer."""
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        scale = self.spec.rope_attention_scaling
-        cos, sin = emb.cos() * scale, emb.sin() * scale
-        half = sin.shape[-1] // 2
-        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)       # see rotate()
-        return cos.to(dtype)[:, None, :], signed_sin.to(dtype)[:, None, :]
+        """(cos, signed sin) of every token, [T, 1, D] each: rows of `rope_tables`, used by every layer."""
+        cos, sin = self.rope_tables(int(positions.max()) + 1 if positions.numel() else 1, dtype)
+        return cos[positions][:, None, :], sin[positions][:, None, :]
 
-    def decode_stack(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta,
-                     kv: KVCache) -> bool:
-        """Every decoder layer in one kernels/decode_layers call (h updated in place), when the step is decodes
-        only (one group, one query per sequence, rows in order) and the adapters acting inside the layers give
-        their deltas as the kernel's ops (LoRA). False: nothing done, the module path runs."""
-        hooks = meta.hooks
-        if (hooks.linear_input or hooks.sublayer or hooks.kv or len(hooks.native_linear) != len(hooks.linear)
-                or meta.layer_attn_groups is not None or len(meta.attn_groups) != 1):
-            return False
-        g = meta.attn_groups[0]
-        b, nq = g.token_index.shape
-        s = self.spec
-        dims = dl.Dims(s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size, s.rms_norm_eps,
-                       s.head_dim ** -0.5)
-        if nq != 1 or g.first_row != 0 or b != h.shape[0] or g.valid is not None or not dl.supports(h, dims):
-            return False
-        masks = {window: mask.view(b, -1) for window, mask in g.masks.items()}
-        rows, ops = [], []
-        for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            mask = masks.get(attn.window)
-            if (mask is None or not mask.is_contiguous()
-                    or any(m.quantized is not None or not m.weight.is_contiguous() for m in linears)):
-                return False
-            row = [layer.input_layernorm.weight.data_ptr()]
-            for m in linears[:2]:
-                row += [m.weight.data_ptr(), 0 if m.bias is None else m.bias.data_ptr()]
-            row.append(layer.post_attention_layernorm.weight.data_ptr())
-            for m in linears[2:]:
-                row += [m.weight.data_ptr(), 0 if m.bias is None else m.bias.data_ptr()]
-            row += [kv.k[i].data_ptr(), kv.v[i].data_ptr(), mask.data_ptr()]
-            for m in linears:                             # adapters' deltas as the kernel's LoRA ops
-                first = len(ops)
-                for hook in hooks.native_linear:
-                    found = hook(meta, m)
-                    if found is None:
-                        return False
-                    ops += found
-                row += [first, len(ops) - first]
-            rows.append(row)
-        ops = torch.tensor(ops, dtype=torch.long) if ops else torch.zeros(1, len(dl.OP_FIELDS), dtype=torch.long)
-        dl.decode_layers(h, torch.tensor(rows, dtype=torch.long), ops, dims, cos.view(b, -1), sin.view(b, -1),
-                         meta.slot_mapping, g.block_tables, kv.block_size,
-                         pd._splits(b, s.num_kv_heads, torch.get_num_threads()))
-        return True
+    def rope_tables(self, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) [P, D] of positions 0 .. P - 1, P >= size: computed once (grown by doubling), as
+        vLLM keeps its cos_sin_cache, so a step only gathers its rows."""
+        key = (dtype, self.inv_freq.device)
+        cached = self._rope_tables.get(key)
+        if cached is None or cached[0].shape[0] < size:
+            n = max(size, 4096, 2 * (0 if cached is None else cached[0].shape[0]))
+            positions = torch.arange(n, device=self.inv_freq.device)
+            freqs = positions[:, None].float() * self.inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            scale = self.spec.rope_attention_scaling
+            cos, sin = emb.cos() * scale, emb.sin() * scale
+            half = sin.shape[-1] // 2
+            signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)       # see rotate()
+            cached = self._rope_tables[key] = (cos.to(dtype).contiguous(), signed_sin.to(dtype).contiguous())
+        return cached
 
     def embed(self, meta: BatchMeta) -> torch.Tensor:
         h = self.embed_tokens(meta.input_ids) if meta.inputs_embeds is None else meta.inputs_embeds.clone()
@@ -248,10 +214,14 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
         """Returns logits [S, vocab] (float32) for the rows `meta.sample_index`."""
+        if self._decode_stack is None or not self._decode_stack.fits(kv):
+            self._decode_stack = DecodeStack(self, kv)
+        logits = self._decode_stack.logits(meta)            # a decode-only step in one kernel call
+        if logits is not None:
+            return logits
         h = self.embed(meta)
         cos, sin = self.rope(meta.positions, h.dtype)
-        if not self.decode_stack(h, cos, sin, meta, kv):
-            for layer in self.layers:
-                h = layer(h, cos, sin, meta, kv)
+        for layer in self.layers:
+            h = layer(h, cos, sin, meta, kv)
         h = self.norm(h[meta.sample_index])
         return self.lm_head(h, meta).float()

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from kernels import decode_layers as dl
-from server.model import llama
 from tests.test_model_vs_hf import capture_logits, engine_for, hf_reference, make_prompts, run_staggered
 from tests.tiny_models import CONFIGS, load_hf
 
@@ -19,15 +18,15 @@ def stack_calls(monkeypatch):
     calls = []
     real = dl.decode_layers
 
-    def spy(h, *args):
+    def spy(h, *args, **kwargs):
         calls.append(h.shape[0])
-        return real(h, *args)
-    monkeypatch.setattr(llama.dl, "decode_layers", spy)
+        return real(h, *args, **kwargs)
+    monkeypatch.setattr(dl, "decode_layers", spy)
     return calls
 
 
 def module_path(monkeypatch):
-    monkeypatch.setattr(llama.dl, "supports", lambda *a: False)
+    monkeypatch.setattr(dl, "supports", lambda *a: False)
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
@@ -81,10 +80,10 @@ def test_lora_decodes_run_in_the_stack_and_match_peft(tiny_model_dir, tmp_path, 
     ops_seen = []
     real = dl.decode_layers
 
-    def spy(h, ptrs, ops, *args):
+    def spy(h, ptrs, ops, *args, **kwargs):
         ops_seen.append(int(ptrs[:, 14::2].sum()))                # LoRA ops the layers point at
-        return real(h, ptrs, ops, *args)
-    monkeypatch.setattr(llama.dl, "decode_layers", spy)
+        return real(h, ptrs, ops, *args, **kwargs)
+    monkeypatch.setattr(dl, "decode_layers", spy)
     prompts = make_prompts(3, [5, 9, 4, 7])
     adapters = ["small", BASE, "wide", "small"]
     tokens, logits = run_with_adapters(engine_with(path, dirs), prompts, adapters, [0, 0, 1, 1])
@@ -95,6 +94,58 @@ def test_lora_decodes_run_in_the_stack_and_match_peft(tiny_model_dir, tmp_path, 
         assert tokens[i] == ref_tokens, (i, name)
         torch.testing.assert_close(logits[i], ref_logits, atol=1e-4, rtol=0)
     assert tokens[0] != run_with_adapters(engine_with(path, dirs), prompts[:1], [BASE], [0])[0][0]
+
+
+def test_lm_head_and_embedding_lora_in_the_stack_match_peft(tiny_model_dir, tmp_path, monkeypatch):
+    """The step ends in the kernel (final norm, lm_head and its LoRA op); an embedding LoRA is added in Python
+    before it (the kernel then takes the given rows instead of the token ids). Tokens and logits are PEFT's."""
+    from peft import LoraConfig
+    from tests.peft_fixtures import load_peft, save_adapter
+    from tests.test_lora_vs_peft import BASE, engine_with, peft_reference, run_with_adapters
+    path = tiny_model_dir("llama")
+    dirs = {"head": save_adapter(path, LoraConfig(r=8, lora_alpha=16, target_modules=["lm_head", "q_proj"],
+                                                  init_lora_weights=False), tmp_path / "head", 6),
+            "embed": save_adapter(path, LoraConfig(r=4, target_modules=["embed_tokens", "v_proj"],
+                                                   init_lora_weights=False), tmp_path / "embed", 7)}
+    calls = []
+    real = dl.decode_layers
+
+    def spy(h, *args, ids=None, head=None, **kwargs):
+        calls.append((ids is not None, head.ops[1]))            # token ids given to it?, the lm_head's LoRA ops
+        return real(h, *args, ids=ids, head=head, **kwargs)
+    monkeypatch.setattr(dl, "decode_layers", spy)
+    prompts = make_prompts(12, [5, 7, 4])
+    adapters = ["head", "embed", BASE]
+    tokens, logits = run_with_adapters(engine_with(path, dirs), prompts, adapters, [0, 0, 1])
+    assert (False, 1) in calls                 # a step with both adapters: embedding in Python, lm_head LoRA op
+    peft_model = load_peft(path, dirs)
+    for i, (prompt, name) in enumerate(zip(prompts, adapters)):
+        if name == BASE:
+            ref_tokens, ref_logits = hf_reference(load_hf(path), prompt)
+        else:
+            ref_tokens, ref_logits = peft_reference(peft_model, prompt, name)
+        assert tokens[i] == ref_tokens, (i, name)
+        torch.testing.assert_close(logits[i], ref_logits, atol=1e-4, rtol=0)
+    alone, _ = run_with_adapters(engine_with(path, dirs), prompts[:1], [BASE], [0])
+    assert tokens[0] != alone[0]                                # the lm_head adapter changes the output
+
+
+def test_rope_tables_equal_the_per_step_formula(tiny_model_dir):
+    """The cached (cos, signed sin) rows are HF's rotary embedding of each position, also after the table grows."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    path = tiny_model_dir("llama")
+    engine = engine_for(path)
+    model = engine.runner.model
+    rotary = LlamaRotaryEmbedding(AutoConfig.from_pretrained(path))
+    for positions in (torch.tensor([0, 3, 17, 4095]), torch.tensor([9000, 5, 12345])):     # the second grows it
+        cos, sin = model.rope(positions, torch.float32)
+        ref_cos, ref_sin = rotary(torch.zeros(1), positions[None])
+        half = ref_sin.shape[-1] // 2
+        torch.testing.assert_close(cos[:, 0], ref_cos[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(sin[:, 0, half:], ref_sin[0, :, half:], atol=1e-6, rtol=0)
+        torch.testing.assert_close(sin[:, 0, :half], -ref_sin[0, :, :half], atol=1e-6, rtol=0)
+    assert model.rope_tables(1, torch.float32)[0].shape[0] > 12345
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

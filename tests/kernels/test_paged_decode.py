@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 
+from kernels import decode_layers as dl
 from kernels import paged_decode as pd
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -102,7 +103,7 @@ def test_unsupported_inputs_are_refused():
 
 
 def test_decode_steps_use_the_kernel_and_match_transformers(tiny_model_dir, monkeypatch):
-    from server.model import attention, llama
+    from server.model import attention
     from tests.test_model_vs_hf import engine_for, hf_reference, make_prompts, run_staggered
     from tests.tiny_models import load_hf
     path = tiny_model_dir("llama")
@@ -113,7 +114,7 @@ def test_decode_steps_use_the_kernel_and_match_transformers(tiny_model_dir, monk
         calls.append(q.shape[0])
         return real(q, *args)
     monkeypatch.setattr(attention.pd, "paged_decode", spy)
-    monkeypatch.setattr(llama.dl, "supports", lambda *a: False)     # the module path (not the whole-stack kernel)
+    monkeypatch.setattr(dl, "supports", lambda *a: False)     # the module path (not the whole-stack kernel)
     prompts = make_prompts(5, [3, 9, 14])
     tokens, logits = run_staggered(engine_for(path), prompts, [0, 0, 2])
     assert calls and max(calls) == 3                       # decode groups went through the kernel
