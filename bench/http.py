@@ -16,7 +16,9 @@ TTFT and TPOT are seen as the client sees them). Open loop: Poisson arrivals at 
 case's closed-loop request rate. Offline: all requests added to the engine at once (max_num_seqs =
 --concurrency, so the same batch size), stepped to completion. Reported: output tok/s, TTFT and TPOT p50 / p99,
 HTTP / offline. With --concurrency 1 also each case's TPOT against the weight-read floor (linear weight bytes / the
-read bandwidth measured at the end of the same run, bench/step_floor.py's).
+read bandwidth): the requests then go one by one with the bandwidth measured after each (best of 3 sums over
+1 GiB, the server idle), so that a request is compared with the memory speed of its moment (this machine's moves
+by 20% within minutes), and again at the end of the run (bench/step_floor.py's read_bandwidth, best of 5).
 --shared-prefix adds the shared-system-prompt workload: every prompt starts with the same ~1k-token system prompt,
 request i for LoRA adapter i mod 8, with automatic prefix caching on and off (one server each).
 
@@ -30,6 +32,7 @@ import asyncio
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -217,6 +220,18 @@ def run_offline(engine, prompts, names, base_name, output_len) -> tuple[float, d
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
+def one_at_a_time(port: int, bodies: list[dict], weight_bytes: int) -> tuple[list[dict], list[float]]:
+    """Each request alone, then the read floor (weight bytes / read bandwidth, seconds) measured right after it
+    with the server idle. Returns the requests' results and their floors."""
+    from bench.step_floor import read_bandwidth
+    results, floors = [], []
+    for body in bodies:
+        results += asyncio.run(closed_loop(port, [body], 1))
+        time.sleep(0.05)                        # the server's OpenMP threads stop spinning
+        floors.append(weight_bytes / read_bandwidth(repeats=3))
+    return results, floors
+
+
 def bench_model(model: str, args) -> list[dict]:
     base = model_dir(model)
     name = model
@@ -243,7 +258,13 @@ def bench_model(model: str, args) -> list[dict]:
             asyncio.run(closed_loop(port, [request_body(n, p, 4) for n, p in
                                            zip(case_names(case, 8, name), warm)], 8))          # warm up
             before, start = step_counts(port), time.perf_counter()
-            closed = summarise(asyncio.run(closed_loop(port, bodies, args.concurrency)))
+            if args.concurrency == 1:
+                results, floors = one_at_a_time(port, bodies, weight_bytes)
+                closed = summarise(results)
+                closed["tpot_over_floor"] = statistics.median(r["tpot"] / f for r, f in zip(results, floors))
+                closed["floor_ms"] = statistics.median(floors) * 1e3
+            else:
+                closed = summarise(asyncio.run(closed_loop(port, bodies, args.concurrency)))
             steps = step_summary(before, step_counts(port), time.perf_counter() - start)
             row = dict(model=model, case=case, mode=f"closed {args.concurrency}", offline_tok_s=offline[case],
                        http_over_offline=closed["tok_s"] / offline[case], **closed, steps=steps,
@@ -326,9 +347,11 @@ def main():
     for r in rows:
         if r["mode"] == "closed 1" and "weight_bytes" in r:    # one request at a time: a token is a weight read
             floor = r["weight_bytes"] / bandwidth * 1e3
-            print(f"{r['model']} {r['case']} {args.dtype}, one request: TPOT p50 {r['tpot_p50_ms']:.1f} ms = "
-                  f"{r['tpot_p50_ms'] / floor:.2f}x the read floor ({r['weight_bytes'] / 1e6:.0f} MB of linear "
-                  f"weights / {bandwidth / 1e9:.1f} GB/s = {floor:.1f} ms)")
+            print(f"{r['model']} {r['case']} {args.dtype}, one request: TPOT p50 {r['tpot_p50_ms']:.1f} ms; "
+                  f"median over requests of TPOT / the floor measured after it: {r['tpot_over_floor']:.2f}x "
+                  f"(median floor {r['floor_ms']:.1f} ms); against the end-of-run floor "
+                  f"({r['weight_bytes'] / 1e6:.0f} MB of linear weights / {bandwidth / 1e9:.1f} GB/s = {floor:.1f} ms): "
+                  f"{r['tpot_p50_ms'] / floor:.2f}x")
     ratios = {}
     for r in rows:
         if r["mode"].startswith("closed") and "prefix_caching" not in r:
