@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -44,6 +45,9 @@ CASES = {
     "window": dict(b=4, h=4, kvh=2, d=32, bs=4, lens=[3, 11, 20, 9], window=5),
     "left-pad": dict(b=3, h=4, kvh=2, d=16, bs=4, lens=[5, 9, 2], pads=[3, 0, 6]),
     "q-contiguous": dict(b=4, h=6, kvh=2, d=128, bs=8, lens=[30, 8, 1, 17], strided_q=False),
+    "head-dim-40": dict(b=3, h=6, kvh=2, d=40, bs=8, lens=[9, 23, 3]),             # a 16-lane tail
+    "group-of-7": dict(b=2, h=14, kvh=2, d=64, bs=16, lens=[50, 7]),                 # Qwen2-0.5B's grouping
+    "group-of-17": dict(b=2, h=34, kvh=2, d=16, bs=4, lens=[6, 13]),                 # past the vector path's 16
 }
 
 
@@ -66,6 +70,31 @@ def test_bf16_matches_fp32_math_rounded_once(name):
     ref = pd.paged_decode_ref(q.float(), kc.float(), vc.float(), tables, mask, 0.125)
     torch.testing.assert_close(out.float(), ref, atol=0, rtol=2 ** -8)
     torch.testing.assert_close(out, pd.paged_decode_ref(q, kc, vc, tables, mask, 0.125), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="needs a C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_portable_build_without_avx512_agrees(tmp_path, dtype):
+    """kernels/attend.h's plain-C item (machines without AVX-512), built for x86-64-v3 or the host without
+    -march, against the same reference."""
+    import ctypes
+    import platform
+    flags = ["-march=x86-64-v3"] if platform.machine() in ("x86_64", "AMD64") else []
+    lib = tmp_path / "paged_portable.so"
+    subprocess.run(["cc", "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-o", str(lib),
+                    os.path.join(REPO, "kernels", "paged_decode.c"), "-lm"], check=True, capture_output=True)
+    fn = getattr(ctypes.CDLL(str(lib)), pd.DTYPES[dtype])
+    fn.restype = None
+    fn.argtypes = getattr(pd._library(), pd.DTYPES[dtype]).argtypes
+    for name in ("gqa", "head-dim-40", "left-pad"):
+        q, kc, vc, tables, mask = make_case(5, dtype=dtype, **CASES[name])
+        b, h, d = q.shape
+        out = q.new_empty(b, h, d)
+        fn(q.data_ptr(), q.stride(0), q.stride(1), kc.data_ptr(), vc.data_ptr(), tables.data_ptr(), mask.data_ptr(),
+           mask.stride(0), out.data_ptr(), b, h, kc.shape[2], d, tables.shape[1], kc.shape[1], 0.2, 1, 2)
+        ref = pd.paged_decode_ref(q.float(), kc.float(), vc.float(), tables, mask, 0.2)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=2 ** -8)
+        torch.testing.assert_close(out.float(), ref, **tol)
 
 
 def test_the_output_depends_on_the_blocks_it_is_given():
