@@ -14,7 +14,8 @@
  *   pos      [M] int64           each token's position: its RoPE row of `cos`, `sin` [*, D] (the model's tables,
  *                                sin signed: LlamaModel.rope_tables)
  *   head     when `logits` is given, the step ends with the final RMSNorm (`norm`) and the lm_head (`head_w`,
- *            `head_b`, its LoRA ops `head_ops`) into logits [M, V]: every row is sampled in a decode step
+ *            `head_b`, its LoRA ops `head_ops`) into logits [M, V] (h's dtype), then widened into logits32
+ *            [M, V] fp32 (the sampler's input; for fp32 the same buffer): every row is sampled in a decode step
  *   slots    [M] int64           cache row of each token's K / V
  *   tables   [M, NB] int64       each sequence's KV blocks; mask [M, NB * BS] bool per layer (its window)
  *   x, qkv, attn, gu, act        scratch [M, HD], [M, (NH + 2 KVH) D], [M, NH D], [M, 2 I], [M, I]
@@ -109,6 +110,7 @@ typedef struct {
     long mask_row;
     const int64_t *ptrs, *ops, *slots, *tables, *ids, *pos, *head_ops;   /* head_ops: first op, count */
     char *h, *x, *qkv, *attn, *gu, *act, *logits;
+    float *logits32;
     const char *cos, *sin, *embed, *norm, *head_w, *head_b;
     int V;
     float *wide, *lora_tmp;       /* fp32 scratch: see the header; the LoRA shrink output [M * max R] */
@@ -168,6 +170,16 @@ static inline const void *next_norm(const Step *s, int l) {
     return s->logits ? s->norm : NULL;
 }
 
+/* bf16 logits -> fp32 (exact) */
+static inline __attribute__((always_inline)) void phase_widen_logits(const Step *s) {
+    const long n = (long)s->M * s->V, chunks = (n + 4095) / 4096;
+#pragma omp for schedule(static)
+    for (long c = 0; c < chunks; c++) {
+        const long end = (c + 1) * 4096 < n ? (c + 1) * 4096 : n;
+        for (long i = c * 4096; i < end; i++) s->logits32[i] = bf16_to_f32(((const uint16_t *)s->logits)[i]);
+    }
+}
+
 static inline __attribute__((always_inline)) void phase_silu(const Step *s, int bf16) {
     const int es = bf16 ? 2 : 4, chunks = (s->I + SILU_CHUNK - 1) / SILU_CHUNK;
 #pragma omp for collapse(2) schedule(static)
@@ -211,9 +223,8 @@ phase_lora(const Step *s, const int64_t *range, const void *x, int H_in, void *y
 }
 
 /* ---- the small-batch driver: one parallel region for the whole stack, the matmuls by kernels/skinny.h */
-static inline __attribute__((always_inline)) void run_skinny(const Step *s, int bf16) {
+static inline __attribute__((always_inline)) void skinny_body(const Step *s, int bf16) {
     const int NQKV = (s->NH + 2 * s->KVH) * s->D, QD = s->NH * s->D, HD = s->HD, I = s->I, M = s->M;
-#pragma omp parallel num_threads(s->threads)
     {
         if (s->ids) phase_embed(s, bf16);
         for (int l = 0; l < s->L; l++) {
@@ -235,7 +246,18 @@ static inline __attribute__((always_inline)) void run_skinny(const Step *s, int 
         if (s->logits) {
             skinny_phase(s->x, HD, s->head_w, s->head_b, s->logits, s->V, M, s->V, HD, bf16, s->wide);
             phase_lora(s, s->head_ops, s->x, HD, s->logits, s->V, bf16);
+            if (bf16) phase_widen_logits(s);
         }
+    }
+}
+
+/* The dtype as a constant inside the region: an OpenMP body is outlined into its own function, which would get
+ * `bf16` as a runtime value (loops over elements then not specialised, some not vectorised). */
+static void run_skinny(const Step *s, int bf16) {
+#pragma omp parallel num_threads(s->threads)
+    {
+        if (bf16) skinny_body(s, 1);
+        else skinny_body(s, 0);
     }
 }
 
@@ -263,7 +285,17 @@ blas_linear(const Step *s, const void *x, long x_row, const void *w, const void 
 
 #define PAR(stmt)                                                                                               \
     do {                                                                                                        \
-        _Pragma("omp parallel num_threads(s->threads)") { stmt; }                                               \
+        _Pragma("omp parallel num_threads(s->threads)") {                                                       \
+            if (bf16) {                      /* the dtype a constant in the outlined body (see run_skinny) */ \
+                const int bf16 = 1;                                                                             \
+                (void)bf16;                                                                                     \
+                stmt;                                                                                           \
+            } else {                                                                                            \
+                const int bf16 = 0;                                                                             \
+                (void)bf16;                                                                                     \
+                stmt;                                                                                           \
+            }                                                                                                   \
+        }                                                                                                       \
     } while (0)
 #define PAR_LORA(range, x, H_in, y, y_row)                                                                      \
     do {                                                                                                        \
@@ -292,6 +324,7 @@ static inline __attribute__((always_inline)) void run_blas(const Step *s, int bf
     if (s->logits) {
         blas_linear(s, s->x, HD, s->head_w, s->head_b, s->logits, s->V, s->V, HD, bf16);
         PAR_LORA(s->head_ops, s->x, HD, s->logits, s->V);
+        if (bf16) PAR(phase_widen_logits(s));
     }
 }
 
@@ -301,11 +334,13 @@ static inline __attribute__((always_inline)) void run_blas(const Step *s, int bf
               int I, float eps, float scale, const int64_t *ids, const void *embed, const int64_t *pos,         \
               const void *cos, const void *sin, const int64_t *slots, const int64_t *tables, int NB, int BS,    \
               long mask_row, int splits, const void *norm, const void *head_w, const void *head_b,              \
-              const int64_t *head_ops, void *logits, int V, void *x, void *qkv, void *attn, void *gu, void *act, \
-              float *wide, float *lora_tmp, int skinny, void *sgemm, void *bf16gemm, int num_threads) {         \
+              const int64_t *head_ops, void *logits, float *logits32, int V, void *x, void *qkv, void *attn,     \
+              void *gu, void *act, float *wide, float *lora_tmp, int skinny, void *sgemm, void *bf16gemm,       \
+              int num_threads) {                                                                                \
         const Step s = {L, M, HD, NH, KVH, D, I, NB, BS, splits, num_threads, eps, scale, mask_row, ptrs, ops,  \
-                        slots, tables, ids, pos, head_ops, h, x, qkv, attn, gu, act, logits, cos, sin, embed,  \
-                        norm, head_w, head_b, V, wide, lora_tmp, (sgemm_fn)sgemm, (bf16gemm_fn)bf16gemm};       \
+                        slots, tables, ids, pos, head_ops, h, x, qkv, attn, gu, act, logits, logits32, cos,    \
+                        sin, embed, norm, head_w, head_b, V, wide, lora_tmp, (sgemm_fn)sgemm,                  \
+                        (bf16gemm_fn)bf16gemm};                                                                 \
         if (skinny) run_skinny(&s, BF16);                                                                       \
         else run_blas(&s, BF16);                                                                                \
     }

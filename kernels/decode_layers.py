@@ -53,41 +53,68 @@ class Head:
     ops: tuple[int, int]        # first row of its LoRA ops in `ops`, and their count
 
 
-def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor, dims: Dims, positions: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
-                  block_size: int, splits: int, ids: torch.Tensor | None = None, embed: torch.Tensor | None = None,
-                  head: Head | None = None) -> torch.Tensor:
+class Workspace:
+    """The kernel's scratch for M rows of one dtype (reused step after step: a caller keeps one per M)."""
+
+    def __init__(self, m: int, dtype: torch.dtype, dims: Dims, vocab: int):
+        d = dims
+        qkv_width = (d.heads + 2 * d.kv_heads) * d.head_dim
+        empty = functools.partial(torch.empty, dtype=dtype)
+        self.x, self.qkv, self.attn = empty(m, d.hidden), empty(m, qkv_width), empty(m, d.heads * d.head_dim)
+        self.gate_up, self.act = empty(m, 2 * d.intermediate), empty(m, d.intermediate)
+        self.wide = torch.empty(m * max(d.hidden, qkv_width, 2 * d.intermediate, vocab), dtype=torch.float32)
+        self.logits = empty(m, vocab) if vocab and dtype != torch.float32 else None     # before widening
+        self.lora_tmp = torch.empty(m * 64, dtype=torch.float32)
+        self.key = (m, dtype, dims, vocab)
+
+    def lora_scratch(self, m: int, ops: torch.Tensor) -> torch.Tensor:
+        need = m * max([1, *ops[:, 1].tolist()])
+        if self.lora_tmp.numel() < need:
+            self.lora_tmp = torch.empty(need, dtype=torch.float32)
+        return self.lora_tmp
+
+
+def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor | None, dims: Dims,
+                  positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                  block_tables: torch.Tensor, block_size: int, splits: int, ids: torch.Tensor | None = None,
+                  embed: torch.Tensor | None = None, head: Head | None = None,
+                  workspace: Workspace | None = None) -> torch.Tensor:
     """Run every layer of `ptrs` ([L, len(FIELDS)] int64) on h [M, hidden] in place. ops: [n, len(OP_FIELDS)]
-    int64, the LoRA ops the layers' rows point at (their slots index the A / B stacks). With `ids` ([M] int64),
-    h starts as their rows of `embed` [V, hidden] (h's contents are ignored). Returns h, or with `head` the logits
-    [M, V] in h's dtype.
+    int64, the LoRA ops the layers' rows point at (their slots index the A / B stacks), or None when they point
+    at none. With `ids` ([M] int64), h starts as their rows of `embed` [V, hidden] (h's contents are ignored).
+    Returns h, or with `head` the logits [M, V] as fp32 (rounded to h's dtype first, as the lm_head's output).
 
     positions [M] int64 index the RoPE tables cos, sin [P, head_dim] (contiguous, sin signed); slots [M],
-    block_tables [M, NB] int64; each layer's mask [M, NB * block_size] bool contiguous. Needs `supports(...)`."""
+    block_tables [M, NB] int64; each layer's mask [M, NB * block_size] bool contiguous. `workspace`: scratch
+    from an earlier call with as many rows (else made here). Needs `supports(...)`."""
     m, d = h.shape[0], dims
-    qkv_width = (d.heads + 2 * d.kv_heads) * d.head_dim
-    x = h.new_empty(m, d.hidden)
-    qkv = h.new_empty(m, qkv_width)
-    attn = h.new_empty(m, d.heads * d.head_dim)
-    gate_up = h.new_empty(m, 2 * d.intermediate)
-    act = h.new_empty(m, d.intermediate)
     vocab = 0 if head is None else head.weight.shape[0]
-    wide = torch.empty(m * max(d.hidden, qkv_width, 2 * d.intermediate, vocab), dtype=torch.float32)
+    ws = workspace
+    if ws is None or ws.key != (m, h.dtype, dims, vocab):
+        ws = Workspace(m, h.dtype, dims, vocab)
     nb = block_tables.shape[1]
     skinny = m <= skinny_gemm.MAX_ROWS.get(h.dtype, 0)
     sgemm, bf16gemm = _blas()
-    lora_tmp = torch.empty(m * max([1, *ops[:, 1].tolist()]), dtype=torch.float32)
-    logits = h.new_empty(m, vocab) if head is not None else None
+    if ops is None:
+        ops, lora_tmp = _NO_OPS, ws.lora_tmp
+    else:
+        lora_tmp = ws.lora_scratch(m, ops)
+    logits32 = torch.empty(m, vocab, dtype=torch.float32) if head is not None else None
+    logits = logits32 if ws.logits is None else ws.logits
     norm, weight, bias = (None, None, None) if head is None else (head.norm, head.weight, head.bias)
-    head_ops = torch.tensor((0, 0) if head is None else head.ops, dtype=torch.long)
+    head_ops = _NO_HEAD_OPS if head is None or head.ops == (0, 0) else torch.tensor(head.ops, dtype=torch.long)
     getattr(_library(), DTYPES[h.dtype])(
         ptrs.shape[0], ptrs.data_ptr(), ops.data_ptr(), h.data_ptr(), m, d.hidden, d.heads, d.kv_heads, d.head_dim,
         d.intermediate, d.eps, d.scale, _ptr(ids), _ptr(embed), positions.data_ptr(), cos.data_ptr(),
         sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), nb, block_size, nb * block_size, splits,
-        _ptr(norm), _ptr(weight), _ptr(bias), head_ops.data_ptr(),
-        _ptr(logits), vocab, x.data_ptr(), qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
-        wide.data_ptr(), lora_tmp.data_ptr(), skinny, sgemm, bf16gemm, torch.get_num_threads())
-    return h if logits is None else logits
+        _ptr(norm), _ptr(weight), _ptr(bias), head_ops.data_ptr(), _ptr(logits), _ptr(logits32), vocab,
+        ws.x.data_ptr(), ws.qkv.data_ptr(), ws.attn.data_ptr(), ws.gate_up.data_ptr(), ws.act.data_ptr(),
+        ws.wide.data_ptr(), lora_tmp.data_ptr(), skinny, sgemm, bf16gemm, torch.get_num_threads())
+    return h if logits32 is None else logits32
+
+
+_NO_OPS = torch.zeros(1, len(OP_FIELDS), dtype=torch.long)
+_NO_HEAD_OPS = torch.zeros(2, dtype=torch.long)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -111,7 +138,7 @@ def available() -> bool:
 def _library() -> ctypes.CDLL | None:
     p, i, l, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     return native.load_functions("decode_layers", DTYPES.values(),
-                                 [i, p, p, p] + [i] * 6 + [f, f] + [p] * 7 + [i, i, l, i] + [p] * 5 + [i]
+                                 [i, p, p, p] + [i] * 6 + [f, f] + [p] * 7 + [i, i, l, i] + [p] * 6 + [i]
                                  + [p] * 7 + [i, p, p, i])
 
 

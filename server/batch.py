@@ -51,6 +51,7 @@ class BatchMeta:
     # AdapterDrop of shared prefixes: per decoder layer its groups (below a request's first adapter layer, its
     # block table there skips its prefix blocks); None = attn_groups in every layer
     layer_attn_groups: list[list[AttnGroup]] | None = None
+    max_position: int | None = None                # max(positions), when the builder knows it (else computed)
 
     def groups(self, layer: int) -> list[AttnGroup]:
         return self.attn_groups if self.layer_attn_groups is None else self.layer_attn_groups[layer]

@@ -82,6 +82,7 @@ class ModelRunner:
             attn_groups=groups,
             sample_index=self._tensor(sample_rows),
             layer_attn_groups=self._drop_prefixes(members, groups),
+            max_position=max(positions),
         )
         if any(item.seq.adapter is not None for item in order):
             layout = StepLayout([StepItem(item.seq.adapter, row, item.num_tokens, item.seq.first_adapter_layer,

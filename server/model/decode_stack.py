@@ -34,6 +34,8 @@ class DecodeStack:
                          layer.mlp.down_proj) for layer in model.layers]
         self.windows = [layer.self_attn.window for layer in model.layers]
         self.table = self._table()
+        self.workspaces: dict[int, dl.Workspace] = {}        # by rows
+        self.has_ops = False                                  # the table's LoRA columns point at ops
 
     def _table(self) -> torch.Tensor | None:
         rows = []
@@ -102,16 +104,21 @@ class DecodeStack:
                 return None
             head_ops = (first, len(ops) - first)
             table[:, LORA0:] = torch.tensor(columns, dtype=torch.long)
-        else:
+        elif self.has_ops:
             table[:, LORA0:] = 0
-        ops = torch.tensor(ops, dtype=torch.long) if ops else torch.zeros(1, len(dl.OP_FIELDS), dtype=torch.long)
-        cos, sin = model.rope_tables(int(meta.positions.max()) + 1, h.dtype)
+        self.has_ops = bool(ops)
+        top = meta.max_position if meta.max_position is not None else int(meta.positions.max())
+        cos, sin = model.rope_tables(top + 1, h.dtype)
         head = dl.Head(model.norm.weight, model.lm_head.weight, model.lm_head.bias, head_ops)
-        logits = dl.decode_layers(h, table, ops, self.dims, meta.positions, cos, sin, meta.slot_mapping,
-                                  g.block_tables, self.kv.block_size,
+        workspace = self.workspaces.get(b)
+        logits = dl.decode_layers(h, table, torch.tensor(ops, dtype=torch.long) if ops else None, self.dims,
+                                  meta.positions, cos, sin, meta.slot_mapping, g.block_tables, self.kv.block_size,
                                   pd._splits(b, self.dims.kv_heads, torch.get_num_threads()),
-                                  ids=None if given else meta.input_ids, embed=None if given else embed, head=head)
-        return logits.float()
+                                  ids=None if given else meta.input_ids, embed=None if given else embed, head=head,
+                                  workspace=workspace)
+        if workspace is None:
+            self.workspaces[b] = dl.Workspace(b, h.dtype, self.dims, model.lm_head.weight.shape[0])
+        return logits
 
 
 def _add_ops(ops: list, hooks, meta: BatchMeta, linear) -> bool:

@@ -183,9 +183,12 @@ class LlamaModel(nn.Module):
                 return linear, col, width
         raise KeyError(f"no module {module!r} in layer {layer}")
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype,
+             max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, signed sin) of every token, [T, 1, D] each: rows of `rope_tables`, used by every layer."""
-        cos, sin = self.rope_tables(int(positions.max()) + 1 if positions.numel() else 1, dtype)
+        if max_position is None:
+            max_position = int(positions.max()) if positions.numel() else 0
+        cos, sin = self.rope_tables(max_position + 1, dtype)
         return cos[positions][:, None, :], sin[positions][:, None, :]
 
     def rope_tables(self, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +223,7 @@ class LlamaModel(nn.Module):
         if logits is not None:
             return logits
         h = self.embed(meta)
-        cos, sin = self.rope(meta.positions, h.dtype)
+        cos, sin = self.rope(meta.positions, h.dtype, meta.max_position)
         for layer in self.layers:
             h = layer(h, cos, sin, meta, kv)
         h = self.norm(h[meta.sample_index])
