@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -174,6 +175,11 @@ def serve(options: ServeOptions) -> None:
     # ends before serving: the engine thread is then the process's one OpenMP team (kernels/cpu_threads.py).
     from kernels import cpu_threads
     app, drain, merged_dir = cpu_threads.call(_prepare, options, name="peftserve-startup")
+    # Startup leaves ~340k objects (tokenizer, transformers, the model's modules) that live as long as the
+    # process: out of the cyclic collector's reach, a full collection while serving takes ~0 ms instead of
+    # ~140 ms of the engine thread (vLLM freezes its startup heap the same way).
+    gc.collect()
+    gc.freeze()
     try:
         run_server(app, host=options.host, port=options.port, log_level=options.log_level, drain=drain,
                    drain_timeout=options.drain_timeout)

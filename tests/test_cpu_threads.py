@@ -94,7 +94,7 @@ def test_a_call_reraises_and_submit_gives_a_future():
 def test_serve_startup_leaves_the_main_thread_without_an_openmp_team(tiny_model_dir, tmp_path):
     """Startup's torch work (here: a parallel op added to the engine's construction, as a model load does)
     runs on a thread that ends, so when uvicorn would start the process holds no OpenMP worker; the engine
-    thread started afterwards is then the only team."""
+    thread started afterwards is then the only team. And the startup heap is frozen out of the cyclic collector."""
     from peft import LoraConfig
 
     from tests.peft_fixtures import save_adapter
@@ -111,17 +111,20 @@ def test_serve_startup_leaves_the_main_thread_without_an_openmp_team(tiny_model_
         base = native_threads()
         seen = {{}}
         def fake_run_server(app, **kwargs):
+            import gc
             seen["native"] = settle(base)
+            seen["frozen"] = gc.get_freeze_count()
             engine = app.state.mixtures.async_engine.engine
             seen["adapters"] = engine.adapters.names()
         cli.run_server = fake_run_server
         cli.serve(cli.parse_serve_options(["serve", "--model", {str(base)!r}, "--adapter", "a={adapter}",
                                            "--dtype", "float32", "--kv-cache-memory", "8MiB"], {{}}))
-        print(base, seen["native"], ",".join(seen["adapters"]))
+        print(base, seen["native"], ",".join(seen["adapters"]), seen["frozen"])
     """)
-    base_count, at_serve, names = out.split()
+    base_count, at_serve, names, frozen = out.split()
     assert int(at_serve) == int(base_count)
     assert names == "a"
+    assert int(frozen) > 10_000            # the startup heap is frozen before serving (server/cli.py)
 
 
 def test_adapter_reads_run_on_threads_that_end(tmp_path):
