@@ -15,7 +15,9 @@
  *                                sin signed: LlamaModel.rope_tables)
  *   head     when `logits` is given, the step ends with the final RMSNorm (`norm`) and the lm_head (`head_w`,
  *            `head_b`, its LoRA ops `head_ops`) into logits [M, V] (h's dtype), then widened into logits32
- *            [M, V] fp32 (the sampler's input; for fp32 the same buffer): every row is sampled in a decode step
+ *            [M, V] fp32 (the sampler's input; for fp32 the same buffer): every row is sampled in a decode step;
+ *            and each row's argmax into argmax [M] int64 (the greedy token, found where the logits are still in
+ *            the caches of the threads that wrote them; part_val / part_idx: [M * threads] scratch)
  *   slots    [M] int64           cache row of each token's K / V
  *   tables   [M, NB] int64       each sequence's KV blocks; mask [M, NB * BS] bool per layer (its window)
  *   x, qkv, attn, gu, act        scratch [M, HD], [M, (NH + 2 KVH) D], [M, NH D], [M, 2 I], [M, I]
@@ -26,6 +28,7 @@
  * output): RMSNorm normalises in fp32 then scales (HF), RoPE is x * cos + roll(x) * sin with no fused multiply-add,
  * SiLU then the product. Sums (norms, matmuls) run in another order than torch's: fp32 results agree to rounding. */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 
 #include "attend.h"
@@ -110,7 +113,8 @@ typedef struct {
     long mask_row;
     const int64_t *ptrs, *ops, *slots, *tables, *ids, *pos, *head_ops;   /* head_ops: first op, count */
     char *h, *x, *qkv, *attn, *gu, *act, *logits;
-    float *logits32;
+    float *logits32, *part_val;
+    int64_t *argmax, *part_idx;
     const char *cos, *sin, *embed, *norm, *head_w, *head_b;
     int V;
     float *wide, *lora_tmp;       /* fp32 scratch: see the header; the LoRA shrink output [M * max R] */
@@ -177,6 +181,36 @@ static inline __attribute__((always_inline)) void phase_widen_logits(const Step 
     for (long c = 0; c < chunks; c++) {
         const long end = (c + 1) * 4096 < n ? (c + 1) * 4096 : n;
         for (long i = c * 4096; i < end; i++) s->logits32[i] = bf16_to_f32(((const uint16_t *)s->logits)[i]);
+    }
+}
+
+/* argmax[m] = the index of row m's first maximum, NaN counting as the maximum (torch.max's rule): each thread
+ * scans the share of the row it wrote (the widening's and the lm_head's static halves), then the shares are
+ * combined in order. */
+static inline __attribute__((always_inline)) void phase_argmax(const Step *s) {
+    const int parts = omp_get_num_threads();
+#pragma omp for collapse(2) schedule(static)
+    for (int m = 0; m < s->M; m++)
+        for (int q = 0; q < parts; q++) {
+            const float *row = s->logits32 + (long)m * s->V;
+            const long lo = (long)s->V * q / parts, hi = (long)s->V * (q + 1) / parts;
+            long best = lo;
+            float bv = lo < hi ? row[lo] : -INFINITY;
+            for (long i = lo + 1; i < hi && bv == bv; i++)
+                if (row[i] > bv || row[i] != row[i]) bv = row[best = i];
+            s->part_val[m * parts + q] = bv;
+            s->part_idx[m * parts + q] = lo < hi ? best : -1;
+        }
+#pragma omp for schedule(static)
+    for (int m = 0; m < s->M; m++) {
+        long best = -1;
+        float bv = -INFINITY;
+        for (int q = 0; q < parts; q++) {
+            const float v = s->part_val[m * parts + q];
+            const long i = s->part_idx[m * parts + q];
+            if (i >= 0 && (best < 0 || v > bv || (v != v && bv == bv))) bv = v, best = i;
+        }
+        s->argmax[m] = best;
     }
 }
 
@@ -247,6 +281,7 @@ static inline __attribute__((always_inline)) void skinny_body(const Step *s, int
             skinny_phase(s->x, HD, s->head_w, s->head_b, s->logits, s->V, M, s->V, HD, bf16, s->wide);
             phase_lora(s, s->head_ops, s->x, HD, s->logits, s->V, bf16);
             if (bf16) phase_widen_logits(s);
+            phase_argmax(s);
         }
     }
 }
@@ -325,6 +360,7 @@ static inline __attribute__((always_inline)) void run_blas(const Step *s, int bf
         blas_linear(s, s->x, HD, s->head_w, s->head_b, s->logits, s->V, s->V, HD, bf16);
         PAR_LORA(s->head_ops, s->x, HD, s->logits, s->V);
         if (bf16) PAR(phase_widen_logits(s));
+        PAR(phase_argmax(s));
     }
 }
 
@@ -334,13 +370,13 @@ static inline __attribute__((always_inline)) void run_blas(const Step *s, int bf
               int I, float eps, float scale, const int64_t *ids, const void *embed, const int64_t *pos,         \
               const void *cos, const void *sin, const int64_t *slots, const int64_t *tables, int NB, int BS,    \
               long mask_row, int splits, const void *norm, const void *head_w, const void *head_b,              \
-              const int64_t *head_ops, void *logits, float *logits32, int V, void *x, void *qkv, void *attn,     \
-              void *gu, void *act, float *wide, float *lora_tmp, int skinny, void *sgemm, void *bf16gemm,       \
-              int num_threads) {                                                                                \
+              const int64_t *head_ops, void *logits, float *logits32, int64_t *argmax, float *part_val,        \
+              int64_t *part_idx, int V, void *x, void *qkv, void *attn, void *gu, void *act, float *wide,       \
+              float *lora_tmp, int skinny, void *sgemm, void *bf16gemm, int num_threads) {                      \
         const Step s = {L, M, HD, NH, KVH, D, I, NB, BS, splits, num_threads, eps, scale, mask_row, ptrs, ops,  \
-                        slots, tables, ids, pos, head_ops, h, x, qkv, attn, gu, act, logits, logits32, cos,    \
-                        sin, embed, norm, head_w, head_b, V, wide, lora_tmp, (sgemm_fn)sgemm,                  \
-                        (bf16gemm_fn)bf16gemm};                                                                 \
+                        slots, tables, ids, pos, head_ops, h, x, qkv, attn, gu, act, logits, logits32,         \
+                        part_val, argmax, part_idx, cos, sin, embed, norm, head_w, head_b, V, wide, lora_tmp,  \
+                        (sgemm_fn)sgemm, (bf16gemm_fn)bf16gemm};                                                \
         if (skinny) run_skinny(&s, BF16);                                                                       \
         else run_blas(&s, BF16);                                                                                \
     }

@@ -65,6 +65,8 @@ class Workspace:
         self.wide = torch.empty(m * max(d.hidden, qkv_width, 2 * d.intermediate, vocab), dtype=torch.float32)
         self.logits = empty(m, vocab) if vocab and dtype != torch.float32 else None     # before widening
         self.lora_tmp = torch.empty(m * 64, dtype=torch.float32)
+        self.part_val = torch.empty(m * 64, dtype=torch.float32)         # the argmax's per-thread shares
+        self.part_idx = torch.empty(m * 64, dtype=torch.long)
         self.key = (m, dtype, dims, vocab)
 
     def lora_scratch(self, m: int, ops: torch.Tensor) -> torch.Tensor:
@@ -82,7 +84,9 @@ def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor | None,
     """Run every layer of `ptrs` ([L, len(FIELDS)] int64) on h [M, hidden] in place. ops: [n, len(OP_FIELDS)]
     int64, the LoRA ops the layers' rows point at (their slots index the A / B stacks), or None when they point
     at none. With `ids` ([M] int64), h starts as their rows of `embed` [V, hidden] (h's contents are ignored).
-    Returns h, or with `head` the logits [M, V] as fp32 (rounded to h's dtype first, as the lm_head's output).
+    Returns h, or with `head` the logits [M, V] as fp32 (rounded to h's dtype first, as the lm_head's output),
+    carrying `row_argmax` [M] int64: each row's greedy token (server/sampler.py uses it while the logits are
+    unchanged).
 
     positions [M] int64 index the RoPE tables cos, sin [P, head_dim] (contiguous, sin signed); slots [M],
     block_tables [M, NB] int64; each layer's mask [M, NB * block_size] bool contiguous. `workspace`: scratch
@@ -100,6 +104,10 @@ def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor | None,
     else:
         lora_tmp = ws.lora_scratch(m, ops)
     logits32 = torch.empty(m, vocab, dtype=torch.float32) if head is not None else None
+    argmax = torch.empty(m, dtype=torch.long) if head is not None else None
+    threads = torch.get_num_threads()
+    if ws.part_idx.numel() < m * threads:
+        ws.part_val, ws.part_idx = torch.empty(m * threads), torch.empty(m * threads, dtype=torch.long)
     logits = logits32 if ws.logits is None else ws.logits
     norm, weight, bias = (None, None, None) if head is None else (head.norm, head.weight, head.bias)
     head_ops = _NO_HEAD_OPS if head is None or head.ops == (0, 0) else torch.tensor(head.ops, dtype=torch.long)
@@ -107,10 +115,14 @@ def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor | None,
         ptrs.shape[0], ptrs.data_ptr(), ops.data_ptr(), h.data_ptr(), m, d.hidden, d.heads, d.kv_heads, d.head_dim,
         d.intermediate, d.eps, d.scale, _ptr(ids), _ptr(embed), positions.data_ptr(), cos.data_ptr(),
         sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), nb, block_size, nb * block_size, splits,
-        _ptr(norm), _ptr(weight), _ptr(bias), head_ops.data_ptr(), _ptr(logits), _ptr(logits32), vocab,
-        ws.x.data_ptr(), ws.qkv.data_ptr(), ws.attn.data_ptr(), ws.gate_up.data_ptr(), ws.act.data_ptr(),
-        ws.wide.data_ptr(), lora_tmp.data_ptr(), skinny, sgemm, bf16gemm, torch.get_num_threads())
-    return h if logits32 is None else logits32
+        _ptr(norm), _ptr(weight), _ptr(bias), head_ops.data_ptr(), _ptr(logits), _ptr(logits32), _ptr(argmax),
+        ws.part_val.data_ptr(), ws.part_idx.data_ptr(), vocab, ws.x.data_ptr(), ws.qkv.data_ptr(), ws.attn.data_ptr(),
+        ws.gate_up.data_ptr(), ws.act.data_ptr(), ws.wide.data_ptr(), lora_tmp.data_ptr(), skinny, sgemm, bf16gemm,
+        threads)
+    if logits32 is None:
+        return h
+    logits32.row_argmax = argmax
+    return logits32
 
 
 _NO_OPS = torch.zeros(1, len(OP_FIELDS), dtype=torch.long)
@@ -138,7 +150,7 @@ def available() -> bool:
 def _library() -> ctypes.CDLL | None:
     p, i, l, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     return native.load_functions("decode_layers", DTYPES.values(),
-                                 [i, p, p, p] + [i] * 6 + [f, f] + [p] * 7 + [i, i, l, i] + [p] * 6 + [i]
+                                 [i, p, p, p] + [i] * 6 + [f, f] + [p] * 7 + [i, i, l, i] + [p] * 9 + [i]
                                  + [p] * 7 + [i, p, p, i])
 
 

@@ -25,7 +25,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     else is in the batch. Reported logprobs are those of `logprob_logits` (the engine passes the penalized
     logits: after server/penalties.py, before grammar masks and temperature), for rows whose params want them.
     """
-    tokens = logits.max(dim=-1).indices      # argmax's first maximum; 3x faster than argmax over a vocabulary
+    # argmax's first maximum: the decode kernel's (kernels/decode_layers.py), found while the logits were in its
+    # threads' caches, when these are its logits unchanged (penalties and grammar masks make new tensors); else
+    # max(dim).indices (3x faster than argmax over a vocabulary)
+    greedy = getattr(logits, "row_argmax", None)
+    tokens = greedy.clone() if greedy is not None else logits.max(dim=-1).indices
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if random_rows:
         rows = torch.tensor(random_rows)

@@ -14,13 +14,16 @@ from tests.tiny_models import CONFIGS, load_hf
 
 @pytest.fixture
 def stack_calls(monkeypatch):
-    """Rows of every decode_layers call the engine makes."""
+    """Rows of every decode_layers call the engine makes; each call's greedy tokens (the kernel's argmax, which
+    the sampler takes) are checked against torch's first maximum of its logits."""
     calls = []
     real = dl.decode_layers
 
     def spy(h, *args, **kwargs):
         calls.append(h.shape[0])
-        return real(h, *args, **kwargs)
+        out = real(h, *args, **kwargs)
+        assert torch.equal(out.row_argmax, out.max(dim=-1).indices)
+        return out
     monkeypatch.setattr(dl, "decode_layers", spy)
     return calls
 
