@@ -54,7 +54,8 @@ class Head:
 
 
 class Workspace:
-    """The kernel's scratch for M rows of one dtype (reused step after step: a caller keeps one per M)."""
+    """The kernel's scratch for up to M rows of one dtype (a caller keeps one, sized for the most rows it has
+    seen, and reuses it step after step: every buffer is read as its first m rows)."""
 
     def __init__(self, m: int, dtype: torch.dtype, dims: Dims, vocab: int):
         d = dims
@@ -67,7 +68,10 @@ class Workspace:
         self.lora_tmp = torch.empty(m * 64, dtype=torch.float32)
         self.part_val = torch.empty(m * 64, dtype=torch.float32)         # the argmax's per-thread shares
         self.part_idx = torch.empty(m * 64, dtype=torch.long)
-        self.key = (m, dtype, dims, vocab)
+        self.rows, self.key = m, (dtype, dims, vocab)
+
+    def fits(self, m: int, dtype: torch.dtype, dims: Dims, vocab: int) -> bool:
+        return m <= self.rows and self.key == (dtype, dims, vocab)
 
     def lora_scratch(self, m: int, ops: torch.Tensor) -> torch.Tensor:
         need = m * max([1, *ops[:, 1].tolist()])
@@ -90,11 +94,11 @@ def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor | None,
 
     positions [M] int64 index the RoPE tables cos, sin [P, head_dim] (contiguous, sin signed); slots [M],
     block_tables [M, NB] int64; each layer's mask [M, NB * block_size] bool contiguous. `workspace`: scratch
-    from an earlier call with as many rows (else made here). Needs `supports(...)`."""
+    for at least M rows (else made here). Needs `supports(...)`."""
     m, d = h.shape[0], dims
     vocab = 0 if head is None else head.weight.shape[0]
     ws = workspace
-    if ws is None or ws.key != (m, h.dtype, dims, vocab):
+    if ws is None or not ws.fits(m, h.dtype, dims, vocab):
         ws = Workspace(m, h.dtype, dims, vocab)
     nb = block_tables.shape[1]
     skinny = m <= skinny_gemm.MAX_ROWS.get(h.dtype, 0)

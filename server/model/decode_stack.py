@@ -34,7 +34,7 @@ class DecodeStack:
                          layer.mlp.down_proj) for layer in model.layers]
         self.windows = [layer.self_attn.window for layer in model.layers]
         self.table = self._table()
-        self.workspaces: dict[int, dl.Workspace] = {}        # by rows
+        self.workspace: dl.Workspace | None = None            # for the most rows seen so far
         self.has_ops = False                                  # the table's LoRA columns point at ops
 
     def _table(self) -> torch.Tensor | None:
@@ -110,14 +110,14 @@ class DecodeStack:
         top = meta.max_position if meta.max_position is not None else int(meta.positions.max())
         cos, sin = model.rope_tables(top + 1, h.dtype)
         head = dl.Head(model.norm.weight, model.lm_head.weight, model.lm_head.bias, head_ops)
-        workspace = self.workspaces.get(b)
+        vocab = model.lm_head.weight.shape[0]
+        if self.workspace is None or not self.workspace.fits(b, h.dtype, self.dims, vocab):
+            self.workspace = dl.Workspace(b, h.dtype, self.dims, vocab)
         logits = dl.decode_layers(h, table, torch.tensor(ops, dtype=torch.long) if ops else None, self.dims,
                                   meta.positions, cos, sin, meta.slot_mapping, g.block_tables, self.kv.block_size,
                                   pd._splits(b, self.dims.kv_heads, torch.get_num_threads()),
                                   ids=None if given else meta.input_ids, embed=None if given else embed, head=head,
-                                  workspace=workspace)
-        if workspace is None:
-            self.workspaces[b] = dl.Workspace(b, h.dtype, self.dims, model.lm_head.weight.shape[0])
+                                  workspace=self.workspace)
         return logits
 
 

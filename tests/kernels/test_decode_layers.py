@@ -36,8 +36,11 @@ def module_path(monkeypatch):
 def test_decode_steps_run_the_stack_and_match_transformers(kind, tiny_model_dir, stack_calls):
     path = tiny_model_dir(kind)
     prompts = make_prompts(11, [3, 15, 9])                  # the mistral window (12) is crossed
-    tokens, logits = run_staggered(engine_for(path), prompts, [0, 0, 3])
+    engine = engine_for(path)
+    tokens, logits = run_staggered(engine, prompts, [0, 0, 3])
     assert stack_calls and max(stack_calls) == 3            # decode-only steps of all three went through it
+    assert min(stack_calls) < 3                             # and steps with fewer rows, on the same scratch:
+    assert engine.runner.model._decode_stack.workspace.rows == 3      # one workspace, for the most rows seen
     hf = load_hf(path)
     for i, prompt in enumerate(prompts):
         ref_tokens, ref_logits = hf_reference(hf, prompt)
