@@ -70,9 +70,8 @@ class DecodeStack:
         g = meta.attn_groups[0]
         b, nq = g.token_index.shape
         embed = model.embed_tokens.weight
-        given = bool(hooks.embed) or meta.inputs_embeds is not None
-        h = model.embed(meta) if given else embed.new_empty(b, embed.shape[1])
-        if (nq != 1 or g.first_row != 0 or b != h.shape[0] or g.valid is not None
+        h = embed.new_empty(b, embed.shape[1])
+        if (nq != 1 or g.first_row != 0 or b != meta.num_tokens or g.valid is not None
                 or meta.sample_index.shape[0] != b or not dl.supports(h, self.dims)):
             return None
         masks = {}
@@ -110,6 +109,11 @@ class DecodeStack:
         top = meta.max_position if meta.max_position is not None else int(meta.positions.max())
         cos, sin = model.rope_tables(top + 1, h.dtype)
         head = dl.Head(model.norm.weight, model.lm_head.weight, model.lm_head.bias, head_ops)
+        given = bool(hooks.embed) or meta.inputs_embeds is not None     # else the kernel gathers the rows
+        if given:
+            h = model.embed(meta)
+            if h.dtype != embed.dtype or not h.is_contiguous():
+                return None
         vocab = model.lm_head.weight.shape[0]
         if self.workspace is None or not self.workspace.fits(b, h.dtype, self.dims, vocab):
             self.workspace = dl.Workspace(b, h.dtype, self.dims, vocab)
