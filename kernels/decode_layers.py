@@ -79,6 +79,11 @@ class Workspace:
             self.lora_tmp = torch.empty(need, dtype=torch.float32)
         return self.lora_tmp
 
+    def argmax_scratch(self, m: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.part_idx.numel() < m * threads:
+            self.part_val, self.part_idx = torch.empty(m * threads), torch.empty(m * threads, dtype=torch.long)
+        return self.part_val, self.part_idx
+
 
 def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor | None, dims: Dims,
                   positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
@@ -110,8 +115,7 @@ def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor | None,
     logits32 = torch.empty(m, vocab, dtype=torch.float32) if head is not None else None
     argmax = torch.empty(m, dtype=torch.long) if head is not None else None
     threads = torch.get_num_threads()
-    if ws.part_idx.numel() < m * threads:
-        ws.part_val, ws.part_idx = torch.empty(m * threads), torch.empty(m * threads, dtype=torch.long)
+    part_val, part_idx = ws.argmax_scratch(m, threads)
     logits = logits32 if ws.logits is None else ws.logits
     norm, weight, bias = (None, None, None) if head is None else (head.norm, head.weight, head.bias)
     head_ops = _NO_HEAD_OPS if head is None or head.ops == (0, 0) else torch.tensor(head.ops, dtype=torch.long)
@@ -120,7 +124,7 @@ def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor | None,
         d.intermediate, d.eps, d.scale, _ptr(ids), _ptr(embed), positions.data_ptr(), cos.data_ptr(),
         sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), nb, block_size, nb * block_size, splits,
         _ptr(norm), _ptr(weight), _ptr(bias), head_ops.data_ptr(), _ptr(logits), _ptr(logits32), _ptr(argmax),
-        ws.part_val.data_ptr(), ws.part_idx.data_ptr(), vocab, ws.x.data_ptr(), ws.qkv.data_ptr(), ws.attn.data_ptr(),
+        part_val.data_ptr(), part_idx.data_ptr(), vocab, ws.x.data_ptr(), ws.qkv.data_ptr(), ws.attn.data_ptr(),
         ws.gate_up.data_ptr(), ws.act.data_ptr(), ws.wide.data_ptr(), lora_tmp.data_ptr(), skinny, sgemm, bf16gemm,
         threads)
     if logits32 is None:
