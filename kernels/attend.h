@@ -1,5 +1,16 @@
-/* Paged decode attention for one work item (kernels/paged_decode.c has the layout and the algorithm): shared by
- * that kernel and kernels/decode_layers.c. */
+/* Paged decode attention, shared by kernels/paged_decode.c and kernels/decode_layers.c: one query per sequence
+ * attends to its keys where they lie in the cache, in pieces.
+ *
+ * A sequence's used blocks (up to the last one holding an attended key) are cut into pieces of
+ * `attend_piece_blocks(used)` blocks: at most ATT_MAX_PIECES pieces, at least ATT_MIN_PIECE blocks each. A piece
+ * is a work item: it reads its blocks' rows once, in cache order (a row's kv heads together), the next blocks
+ * prefetched, and leaves per query head an unnormalised record (running max, sum of weights, weighted sum of
+ * values, online softmax block by block); `attend_merge` then combines a head's records in piece order. How a
+ * sequence is cut depends on its own length alone, so its result never depends on the batch it is in, while one
+ * long sequence still spreads over the threads (a decode step at one request: each thread a share of its keys,
+ * not of its kv heads, which left one of two threads with two of SmolLM2's three).
+ *
+ * fp32 accumulation for every dtype; a head with no attended key gets zeros. */
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -9,39 +20,74 @@
 #include "bf16.h"
 #include "vexp.h"
 
+#define ATT_MAX_PIECES 8        /* pieces of one sequence's context */
+#define ATT_MIN_PIECE 4         /* blocks of a piece, at least */
+#define ATT_AHEAD 2             /* blocks prefetched ahead */
+#define ATT_MAX_D 512           /* head dim (kernels/paged_decode.py, kernels/decode_layers.py MAX_HEAD_DIM) */
+
+/* Blocks up to and including the last one with an attended key in mask row m (0: none). */
+static inline int attend_used_blocks(const uint8_t *m, int NB, int BS) {
+    for (long j = (long)NB * BS - 1; j >= 0; j--)
+        if (m[j]) return (int)(j / BS) + 1;
+    return 0;
+}
+
+static inline int attend_piece_blocks(int used) {
+    const int p = (used + ATT_MAX_PIECES - 1) / ATT_MAX_PIECES;
+    return p < ATT_MIN_PIECE ? ATT_MIN_PIECE : p;
+}
+
+static inline int attend_pieces(int used) {
+    const int p = attend_piece_blocks(used);
+    return (used + p - 1) / p;
+}
+
+/* A piece's record: acc [NH, D], then mx [NH], then sum [NH] (fp32) */
+static inline long attend_record(int NH, int D) { return (long)NH * (D + 2); }
+
 /* One element of a row as fp32; `bf16` is a compile-time constant in each exported kernel. */
 static inline float attend_load(const void *row, int d, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)row)[d]) : ((const float *)row)[d];
 }
 
-/* Work item: sequence b, kv heads [kh0, kh0 + nkh) and their query heads. Each key / value row of those heads
- * is read once, in cache order (a block's rows are consecutive), for all their query heads. Inlined into one
- * function per dtype, so `bf16` is a constant there (in an OpenMP outlined body it would be a runtime value and
- * the inner loops would not vectorise). */
-static inline __attribute__((always_inline)) void
-attend_portable(const void *q, long q_row, long q_head, const void *k, const void *v, const int64_t *tables,
-       const uint8_t *mask, long mask_row, void *out, int b, int kh0, int nkh, int H, int KVH, int D, int NB,
-       int BS, float scale, int bf16) {
-    const int G = H / KVH, NH = nkh * G, esize = bf16 ? 2 : 4;
-    const long kv_row = (long)KVH * D;                          /* elements between a block's rows */
-    float *qf = malloc(sizeof(float) * ((size_t)NH * D * 2 + (size_t)NH * BS + 2 * NH));
-    float *acc = qf + (size_t)NH * D, *s = acc + (size_t)NH * D, *mx = s + (size_t)NH * BS, *sum = mx + NH;
-    const uint8_t *m = mask + b * mask_row;
-    const int64_t *table = tables + (long)b * NB;
-    for (int h = 0; h < NH; h++) {                              /* local head h is query head kh0 * G + h */
-        const char *qh = (const char *)q + (b * q_row + (long)(kh0 * G + h) * q_head) * esize;
-        for (int d = 0; d < D; d++) qf[h * D + d] = attend_load(qh, d, bf16) * scale;
-        mx[h] = -INFINITY;
+/* Whether block jb of a mask row has an attended key */
+static inline int attend_any(const uint8_t *m, int jb, int BS) {
+    const uint8_t *mb = m + (long)jb * BS;
+    int any = 0;
+    for (int t = 0; t < BS; t++) any |= mb[t];
+    return any;
+}
+
+/* The rows of blocks [jb0, jb1) for kv heads [kh0, kh0 + nkh) towards the caches (keys and values). */
+static inline void attend_prefetch(const void *k, const void *v, const int64_t *table, int jb0, int jb1, int kh0,
+                                   int nkh, int KVH, int D, int BS, int esize) {
+    const long kv_row = (long)KVH * D, span = (long)nkh * D * esize;
+    for (int jb = jb0; jb < jb1; jb++) {
+        const long row0 = (table[jb] * BS * kv_row + (long)kh0 * D) * esize;
+        for (int t = 0; t < BS; t++)
+            for (long o = 0; o < span; o += 64) {
+                __builtin_prefetch((const char *)k + row0 + t * kv_row * esize + o);
+                __builtin_prefetch((const char *)v + row0 + t * kv_row * esize + o);
+            }
     }
+}
+
+/* Portable piece: query heads of kv heads [kh0, kh0 + nkh) (scaled fp32 queries qf [nkh G, D]) over blocks
+ * [jb0, jb1) of mask row m and block table `table`; the record into acc [nkh G, D], mx, sum [nkh G]. */
+static inline __attribute__((always_inline)) void
+attend_piece_portable(const float *qf, const void *k, const void *v, const int64_t *table, const uint8_t *m,
+                      int kh0, int nkh, int G, int KVH, int D, int jb0, int jb1, int BS, int bf16, float *acc,
+                      float *mx, float *sum) {
+    const int NH = nkh * G, esize = bf16 ? 2 : 4;
+    const long kv_row = (long)KVH * D;                          /* elements between a block's rows */
+    float *s = malloc(sizeof(float) * (size_t)NH * BS);
+    for (int h = 0; h < NH; h++) mx[h] = -INFINITY, sum[h] = 0.f;
     memset(acc, 0, sizeof(float) * (size_t)NH * D);
-    for (int h = 0; h < NH; h++) sum[h] = 0.f;
-    for (int jb = 0; jb < NB; jb++) {                           /* one block: its keys, then its values */
+    for (int jb = jb0; jb < jb1; jb++) {                        /* one block: its keys, then its values */
         const uint8_t *mb = m + (long)jb * BS;
+        if (!attend_any(m, jb, BS)) continue;
         const long row0 = table[jb] * BS * kv_row + (long)kh0 * D;
         const char *kb = (const char *)k + row0 * esize, *vb = (const char *)v + row0 * esize;
-        int any = 0;
-        for (int t = 0; t < BS; t++) any |= mb[t];
-        if (!any) continue;
         for (int h = 0; h < NH; h++) {                          /* scores of the block, the running max */
             const float *qh = qf + h * D;
             const char *kh = kb + (long)(h / G) * D * esize;
@@ -93,18 +139,8 @@ attend_portable(const void *q, long q_row, long q_head, const void *k, const voi
             }
         }
     }
-    const int attended = mx[0] != -INFINITY;                    /* some key attended (the mask is per sequence) */
-    for (int h = 0; h < NH; h++) {
-        const long o = ((long)b * H + kh0 * G + h) * D;
-        for (int d = 0; d < D; d++) {
-            const float x = attended ? acc[h * D + d] / sum[h] : 0.f;
-            if (bf16) ((uint16_t *)out)[o + d] = f32_to_bf16(x);
-            else ((float *)out)[o + d] = x;
-        }
-    }
-    free(qf);
+    free(s);
 }
-
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -122,38 +158,37 @@ static inline __m512 att_chunk(const char *row, int c, int D, int bf16) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* The same work item with AVX-512, one kv head at a time: each key and value row is loaded once (16 lanes at a
- * time) for the kv head's G query heads, whose scaled queries and output accumulators stay in vectors; a block's
- * scores, then its weights (online softmax, vexp vectorised over the block's keys), then its values. */
+static inline __mmask16 att_tail(int D, int c) {
+    const int k = c * 16;
+    return D - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - k)) - 1);
+}
+
+/* The same piece with AVX-512, block by block (ATT_AHEAD blocks prefetched), in each block one kv head at a
+ * time: each key and value row is loaded once (16 lanes at a time) for the kv head's G query heads, whose queries
+ * and accumulators are loaded into vectors for the block; the block's scores, then its weights (online softmax,
+ * vexp vectorised over the block's keys), then its values. */
 static inline __attribute__((always_inline)) void
-attend_avx(const void *q, long q_row, long q_head, const void *k, const void *v, const int64_t *tables,
-           const uint8_t *mask, long mask_row, void *out, int b, int kh0, int nkh, int H, int KVH, int D, int NB,
-           int BS, float scale, int bf16) {
-    const int G = H / KVH, C = (D + 15) / 16, esize = bf16 ? 2 : 4;
+attend_piece_avx(const float *qf, const void *k, const void *v, const int64_t *table, const uint8_t *m, int kh0,
+                 int nkh, int G, int KVH, int D, int jb0, int jb1, int BS, int bf16, float *acc, float *mx,
+                 float *sum) {
+    const int C = (D + 15) / 16, esize = bf16 ? 2 : 4;
     const long kv_row = (long)KVH * D;
-    const uint8_t *m = mask + b * mask_row;
-    const int64_t *table = tables + (long)b * NB;
-    const __m512 vscale = _mm512_set1_ps(scale);
-    for (int kh = kh0; kh < kh0 + nkh; kh++) {
-        __m512 qv[ATT_MAX_G][ATT_MAX_C], acc[ATT_MAX_G][ATT_MAX_C];
-        float mx[ATT_MAX_G], sum[ATT_MAX_G];
-        float s[ATT_MAX_G][ATT_MAX_BS];
-        for (int g = 0; g < G; g++) {
-            const char *qh = (const char *)q + (b * q_row + (long)(kh * G + g) * q_head) * esize;
-            for (int c = 0; c < C; c++) {
-                qv[g][c] = _mm512_mul_ps(att_chunk(qh, c, D, bf16), vscale);
-                acc[g][c] = _mm512_setzero_ps();
-            }
-            mx[g] = -INFINITY;
-            sum[g] = 0.f;
-        }
-        for (int jb = 0; jb < NB; jb++) {
-            const uint8_t *mb = m + (long)jb * BS;
-            int any = 0;
-            for (int t = 0; t < BS; t++) any |= mb[t];
-            if (!any) continue;
+    for (int h = 0; h < nkh * G; h++) mx[h] = -INFINITY, sum[h] = 0.f;
+    memset(acc, 0, sizeof(float) * (size_t)nkh * G * D);
+    attend_prefetch(k, v, table, jb0, jb0 + ATT_AHEAD < jb1 ? jb0 + ATT_AHEAD : jb1, kh0, nkh, KVH, D, BS, esize);
+    for (int jb = jb0; jb < jb1; jb++) {
+        if (jb + ATT_AHEAD < jb1)
+            attend_prefetch(k, v, table, jb + ATT_AHEAD, jb + ATT_AHEAD + 1, kh0, nkh, KVH, D, BS, esize);
+        const uint8_t *mb = m + (long)jb * BS;
+        if (!attend_any(m, jb, BS)) continue;
+        for (int kh = kh0; kh < kh0 + nkh; kh++) {
+            const int h0 = (kh - kh0) * G;
             const long row0 = table[jb] * BS * kv_row + (long)kh * D;
             const char *kb = (const char *)k + row0 * esize, *vb = (const char *)v + row0 * esize;
+            __m512 qv[ATT_MAX_G][ATT_MAX_C], av[ATT_MAX_G][ATT_MAX_C];
+            float s[ATT_MAX_G][ATT_MAX_BS];
+            for (int g = 0; g < G; g++)
+                for (int c = 0; c < C; c++) qv[g][c] = _mm512_maskz_loadu_ps(att_tail(D, c), qf + (h0 + g) * D + c * 16);
             for (int t = 0; t < BS; t++) {                          /* scores: a key row against G queries */
                 if (!mb[t]) continue;
                 const char *kr = kb + t * kv_row * esize;
@@ -166,25 +201,33 @@ attend_avx(const void *q, long q_row, long q_head, const void *k, const void *v,
                 }
             }
             for (int g = 0; g < G; g++) {                           /* weights, the running max and sum */
-                float bmax = mx[g];
-                for (int t = 0; t < BS; t++)
-                    if (mb[t] && s[g][t] > bmax) bmax = s[g][t];
-                if (bmax > mx[g]) {
-                    const float c0 = vexp(mx[g] - bmax);
-                    const __m512 cv = _mm512_set1_ps(c0);
-                    for (int c = 0; c < C; c++) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
-                    sum[g] *= c0;
-                    mx[g] = bmax;
-                }
-                float *sg = s[g], bsum = 0.f;
-                const float mh = mx[g];
-#pragma omp simd reduction(+:bsum)
+                const int h = h0 + g;
+                float bmax = mx[h];
+                const float *sc = s[g];
+#pragma omp simd reduction(max:bmax)
                 for (int t = 0; t < BS; t++) {
-                    const float e = mb[t] ? vexp(sg[t] - mh) : 0.f;
-                    sg[t] = e;
-                    bsum += e;
+                    const float x = mb[t] ? sc[t] : -INFINITY;
+                    bmax = x > bmax ? x : bmax;
                 }
-                sum[g] += bsum;
+                float c0 = 1.f;
+                if (bmax > mx[h]) {
+                    c0 = vexp(mx[h] - bmax);
+                    sum[h] *= c0;
+                    mx[h] = bmax;
+                }
+                const __m512 cv = _mm512_set1_ps(c0);
+                for (int c = 0; c < C; c++)
+                    av[g][c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(att_tail(D, c), acc + (long)h * D + c * 16), cv);
+                float *sg = s[g], bsum = 0.f, e[ATT_MAX_BS];
+                const float mh = mx[h];
+#pragma omp simd
+                for (int t = 0; t < BS; t++) e[t] = vexp(sg[t] - mh);     /* vectorised: no branch around vexp */
+                for (int t = 0; t < BS; t++) {                          /* masked keys' (unset) scores dropped */
+                    const float w = mb[t] ? e[t] : 0.f;
+                    sg[t] = w;
+                    bsum += w;
+                }
+                sum[h] += bsum;
             }
             for (int t = 0; t < BS; t++) {                          /* values: a row for G accumulators */
                 if (!mb[t]) continue;
@@ -193,40 +236,54 @@ attend_avx(const void *q, long q_row, long q_head, const void *k, const void *v,
                 for (int c = 0; c < C; c++) vv[c] = att_chunk(vr, c, D, bf16);
                 for (int g = 0; g < G; g++) {
                     const __m512 p = _mm512_set1_ps(s[g][t]);
-                    for (int c = 0; c < C; c++) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+                    for (int c = 0; c < C; c++) av[g][c] = _mm512_fmadd_ps(p, vv[c], av[g][c]);
                 }
             }
-        }
-        for (int g = 0; g < G; g++) {                               /* out = acc / sum (zeros: nothing attended) */
-            const long o = ((long)b * H + kh * G + g) * D;
-            for (int c = 0; c < C; c++) {
-                const int k0 = c * 16;
-                const __mmask16 mk = D - k0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - k0)) - 1);
-                const __m512 x = mx[g] != -INFINITY ? _mm512_div_ps(acc[g][c], _mm512_set1_ps(sum[g]))
-                                                    : _mm512_setzero_ps();
-                if (bf16) {
-                    float tmp[16];
-                    _mm512_storeu_ps(tmp, x);
-                    for (int d = 0; d < 16 && k0 + d < D; d++) ((uint16_t *)out)[o + k0 + d] = f32_to_bf16(tmp[d]);
-                } else {
-                    _mm512_mask_storeu_ps((float *)out + o + k0, mk, x);
-                }
-            }
+            for (int g = 0; g < G; g++)
+                for (int c = 0; c < C; c++)
+                    _mm512_mask_storeu_ps(acc + (long)(h0 + g) * D + c * 16, att_tail(D, c), av[g][c]);
         }
     }
 }
 #endif
 
-/* The work item: the AVX-512 version where it applies, else the portable one. */
+/* A piece: the AVX-512 version where it applies, else the portable one. */
 static inline __attribute__((always_inline)) void
-attend(const void *q, long q_row, long q_head, const void *k, const void *v, const int64_t *tables,
-       const uint8_t *mask, long mask_row, void *out, int b, int kh0, int nkh, int H, int KVH, int D, int NB,
-       int BS, float scale, int bf16) {
+attend_piece(const float *qf, const void *k, const void *v, const int64_t *table, const uint8_t *m, int kh0,
+             int nkh, int G, int KVH, int D, int jb0, int jb1, int BS, int bf16, float *acc, float *mx, float *sum) {
 #if defined(__AVX512F__)
-    if (H / KVH <= ATT_MAX_G && D <= 16 * ATT_MAX_C && BS <= ATT_MAX_BS) {
-        attend_avx(q, q_row, q_head, k, v, tables, mask, mask_row, out, b, kh0, nkh, H, KVH, D, NB, BS, scale, bf16);
+    if (G <= ATT_MAX_G && D <= 16 * ATT_MAX_C && BS <= ATT_MAX_BS) {
+        attend_piece_avx(qf, k, v, table, m, kh0, nkh, G, KVH, D, jb0, jb1, BS, bf16, acc, mx, sum);
         return;
     }
 #endif
-    attend_portable(q, q_row, q_head, k, v, tables, mask, mask_row, out, b, kh0, nkh, H, KVH, D, NB, BS, scale, bf16);
+    attend_piece_portable(qf, k, v, table, m, kh0, nkh, G, KVH, D, jb0, jb1, BS, bf16, acc, mx, sum);
+}
+
+/* Head h's output row (D elements of out, rounded to its dtype) from the records of `pieces` pieces, `stride`
+ * floats apart, in order: sum_j e_j acc_j / sum_j e_j sum_j with e_j = exp(mx_j - max_j mx_j); one piece gives
+ * acc / sum (e = 1 exactly); zeros when no piece attended a key. */
+static inline __attribute__((always_inline)) void
+attend_merge(const float *records, long stride, int pieces, int NH, int h, int D, void *out, int bf16) {
+    const float *mxs = records + (long)NH * D, *sums = mxs + NH;
+    float top = -INFINITY;
+    for (int j = 0; j < pieces; j++)
+        if (mxs[j * stride + h] > top) top = mxs[j * stride + h];
+    float row[ATT_MAX_D], total = 0.f;
+    for (int d = 0; d < D; d++) row[d] = 0.f;
+    if (top != -INFINITY)
+        for (int j = 0; j < pieces; j++) {
+            const float *rec = records + j * stride;
+            if (rec[(long)NH * D + h] == -INFINITY) continue;      /* nothing attended in this piece */
+            const float e = vexp(rec[(long)NH * D + h] - top);
+            total += e * rec[(long)NH * D + NH + h];
+            const float *a = rec + (long)h * D;
+#pragma omp simd
+            for (int d = 0; d < D; d++) row[d] += e * a[d];
+        }
+    for (int d = 0; d < D; d++) {
+        const float x = top != -INFINITY ? row[d] / total : 0.f;
+        if (bf16) ((uint16_t *)out)[d] = f32_to_bf16(x);
+        else ((float *)out)[d] = x;
+    }
 }

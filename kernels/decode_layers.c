@@ -88,6 +88,26 @@ rope_row(void *row, const void *cos, const void *sin, int heads, int D, int bf16
     }
 }
 
+/* The same RoPE of `heads` query heads of `row` into fp32 qf [heads, D], each value then times `scale` (the
+ * attention's queries; the row is left as it is, for the other pieces of its sequence). */
+__attribute__((optimize("fp-contract=off"), noinline)) static void
+rope_query(float *qf, const void *row, const void *cos, const void *sin, int heads, int D, float scale, int bf16) {
+    const int half = D / 2;
+    for (int hd = 0; hd < heads; hd++) {
+        const char *x = (const char *)row + (long)hd * D * (bf16 ? 2 : 4);
+        float *t = qf + (long)hd * D;
+#pragma omp simd
+        for (int d = 0; d < half; d++)
+            t[d] = (rnd(load_w(x, d, bf16) * load_w(cos, d, bf16), bf16)
+                    + rnd(load_w(x, d + half, bf16) * load_w(sin, d, bf16), bf16));
+#pragma omp simd
+        for (int d = half; d < D; d++)
+            t[d] = (rnd(load_w(x, d, bf16) * load_w(cos, d, bf16), bf16)
+                    + rnd(load_w(x, d - half, bf16) * load_w(sin, d, bf16), bf16));
+        for (int d = 0; d < D; d++) t[d] = rnd(t[d], bf16) * scale;
+    }
+}
+
 /* act[i0, i1) = SiLU(gate) * up, each rounded as torch rounds (SiLU's output, then the product). */
 static inline __attribute__((always_inline)) void
 silu_mul(const void *gate, const void *up, void *act, int i0, int i1, int bf16) {
@@ -108,7 +128,7 @@ typedef void (*bf16gemm_fn)(int, int, int, int, int, int, float, const uint16_t 
                             float *, int);
 
 typedef struct {
-    int L, M, HD, NH, KVH, D, I, NB, BS, splits, threads;
+    int L, M, HD, NH, KVH, D, I, NB, BS, threads;
     float eps, scale;
     long mask_row;
     const int64_t *ptrs, *ops, *slots, *tables, *ids, *pos, *head_ops;   /* head_ops: first op, count */
@@ -118,6 +138,9 @@ typedef struct {
     const char *cos, *sin, *embed, *norm, *head_w, *head_b;
     int V;
     float *wide, *lora_tmp;       /* fp32 scratch: see the header; the LoRA shrink output [M * max R] */
+    const int *first, *used;      /* attention pieces: sequence b's are first[b] .. first[b + 1] - 1 of `items` */
+    int items;
+    float *records, *queries;     /* the pieces' records (attend.h), each thread's queries [NH D] */
     sgemm_fn sgemm;
     bf16gemm_fn bf16gemm;
 } Step;
@@ -136,26 +159,39 @@ static inline __attribute__((always_inline)) void phase_norm(const Step *s, cons
         rmsnorm_row(s->h + (long)m * s->HD * es, ADDR(p, NORM1), s->x + (long)m * s->HD * es, s->HD, s->eps, bf16);
 }
 
-/* Per work item (a sequence, a range of its kv heads): RoPE of those kv heads' query and key heads, their K / V
- * rows into the cache, then the attention of their query heads (kernels/attend.h). Items share nothing. */
+/* Per work item (a piece of a sequence's blocks, kernels/attend.h): RoPE of the sequence's query heads into the
+ * thread's fp32 queries; the piece holding the new token (its last) also ropes the key heads and writes the token's
+ * K / V rows into the cache first; then the piece's record. Then each (sequence, head)'s records merged into attn. */
 static inline __attribute__((always_inline)) void phase_attention(const Step *s, const int64_t *p, int bf16) {
-    const int es = bf16 ? 2 : 4, NQKV = (s->NH + 2 * s->KVH) * s->D, QD = s->NH * s->D, nkh = s->KVH / s->splits,
-              G = s->NH / s->KVH, D = s->D;
-    const long kv_row = (long)s->KVH * D;
+    const int es = bf16 ? 2 : 4, NQKV = (s->NH + 2 * s->KVH) * s->D, QD = s->NH * s->D, G = s->NH / s->KVH,
+              D = s->D, NH = s->NH;
+    const long kv_row = (long)s->KVH * D, stride = attend_record(NH, D);
+    float *qf = s->queries + (long)omp_get_thread_num() * QD;
+#pragma omp for schedule(static)
+    for (int it = 0; it < s->items; it++) {
+        int b = 0;
+        while (s->first[b + 1] <= it) b++;
+        const int j = it - s->first[b], pb = attend_piece_blocks(s->used[b]), jb0 = j * pb,
+                  jb1 = jb0 + pb < s->used[b] ? jb0 + pb : s->used[b];
+        char *row = s->qkv + (long)b * NQKV * es, *k = row + (long)QD * es, *v = k + kv_row * es;
+        const long at = s->pos[b] * D * es;
+        rope_query(qf, row, s->cos + at, s->sin + at, NH, D, s->scale, bf16);
+        if (it == s->first[b + 1] - 1) {                    /* the last piece: the new token's block */
+            const long slot = s->slots[b] * kv_row;
+            rope_row(k, s->cos + at, s->sin + at, s->KVH, D, bf16);
+            memcpy((char *)ADDR(p, K_CACHE) + slot * es, k, kv_row * es);
+            memcpy((char *)ADDR(p, V_CACHE) + slot * es, v, kv_row * es);
+        }
+        float *rec = s->records + it * stride;
+        attend_piece(qf, ADDR(p, K_CACHE), ADDR(p, V_CACHE), s->tables + (long)b * s->NB,
+                     (const uint8_t *)ADDR(p, MASK) + b * s->mask_row, 0, s->KVH, G, s->KVH, D, jb0, jb1, s->BS, bf16,
+                     rec, rec + (long)NH * D, rec + (long)NH * D + NH);
+    }
 #pragma omp for collapse(2) schedule(static)
     for (int b = 0; b < s->M; b++)
-        for (int part = 0; part < s->splits; part++) {
-            const int kh0 = part * nkh;
-            char *row = s->qkv + (long)b * NQKV * es, *k = row + (long)(QD + kh0 * D) * es,
-                 *v = row + (QD + kv_row + kh0 * D) * es;
-            const long at = s->pos[b] * D * es, slot = s->slots[b] * kv_row + (long)kh0 * D;
-            rope_row(row + (long)kh0 * G * D * es, s->cos + at, s->sin + at, nkh * G, D, bf16);
-            rope_row(k, s->cos + at, s->sin + at, nkh, D, bf16);
-            memcpy((char *)ADDR(p, K_CACHE) + slot * es, k, (long)nkh * D * es);
-            memcpy((char *)ADDR(p, V_CACHE) + slot * es, v, (long)nkh * D * es);
-            attend(s->qkv, NQKV, D, ADDR(p, K_CACHE), ADDR(p, V_CACHE), s->tables, ADDR(p, MASK), s->mask_row,
-                   s->attn, b, kh0, nkh, s->NH, s->KVH, D, s->NB, s->BS, s->scale, bf16);
-        }
+        for (int h = 0; h < NH; h++)
+            attend_merge(s->records + s->first[b] * stride, stride, s->first[b + 1] - s->first[b], NH, h, D,
+                         s->attn + ((long)b * QD + (long)h * D) * es, bf16);
 }
 
 /* h += x; then x = RMSNorm(h) * norm when norm is given */
@@ -369,14 +405,20 @@ static inline __attribute__((always_inline)) void run_blas(const Step *s, int bf
     void NAME(int L, const int64_t *ptrs, const int64_t *ops, void *h, int M, int HD, int NH, int KVH, int D,   \
               int I, float eps, float scale, const int64_t *ids, const void *embed, const int64_t *pos,         \
               const void *cos, const void *sin, const int64_t *slots, const int64_t *tables, int NB, int BS,    \
-              long mask_row, int splits, const void *norm, const void *head_w, const void *head_b,              \
+              long mask_row, float *records, float *queries, const void *norm, const void *head_w, const void *head_b,              \
               const int64_t *head_ops, void *logits, float *logits32, int64_t *argmax, float *part_val,        \
               int64_t *part_idx, int V, void *x, void *qkv, void *attn, void *gu, void *act, float *wide,       \
               float *lora_tmp, int skinny, void *sgemm, void *bf16gemm, int num_threads) {                      \
-        const Step s = {L, M, HD, NH, KVH, D, I, NB, BS, splits, num_threads, eps, scale, mask_row, ptrs, ops,  \
+        int first[MAX_SEGS + 1], used[MAX_SEGS];    /* M <= 64: kernels/decode_layers.py MAX_ROWS */          \
+        first[0] = 0;                                                                                           \
+        for (int b = 0; b < M; b++) {      /* the sequences' used blocks, from the first layer's mask */          \
+            used[b] = attend_used_blocks((const uint8_t *)ADDR(ptrs, MASK) + b * mask_row, NB, BS);             \
+            first[b + 1] = first[b] + (used[b] ? attend_pieces(used[b]) : 1);                                   \
+        }                                                                                                       \
+        const Step s = {L, M, HD, NH, KVH, D, I, NB, BS, num_threads, eps, scale, mask_row, ptrs, ops,          \
                         slots, tables, ids, pos, head_ops, h, x, qkv, attn, gu, act, logits, logits32,         \
                         part_val, argmax, part_idx, cos, sin, embed, norm, head_w, head_b, V, wide, lora_tmp,  \
-                        (sgemm_fn)sgemm, (bf16gemm_fn)bf16gemm};                                                \
+                        first, used, first[M], records, queries, (sgemm_fn)sgemm, (bf16gemm_fn)bf16gemm};       \
         if (skinny) run_skinny(&s, BF16);                                                                       \
         else run_blas(&s, BF16);                                                                                \
     }

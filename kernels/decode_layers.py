@@ -30,6 +30,7 @@ FIELDS = ("norm1", "qkv_w", "qkv_b", "o_w", "o_b", "norm2", "gate_up_w", "gate_u
 OP_FIELDS = ("a", "rank_rows", "table", "parts", "segments", "starts", "lens", "slots")
 MAX_PARTS = 8
 MAX_HEAD_DIM = 512
+ATT_MAX_PIECES = 8   # kernels/attend.h
 MAX_ROWS = 64   # beyond the small-batch GEMM's rows the matmuls go to torch's BLAS (MKL), up to this many
 
 
@@ -68,6 +69,9 @@ class Workspace:
         self.lora_tmp = torch.empty(m * 64, dtype=torch.float32)
         self.part_val = torch.empty(m * 64, dtype=torch.float32)         # the argmax's per-thread shares
         self.part_idx = torch.empty(m * 64, dtype=torch.long)
+        # the attention's pieces (kernels/attend.h: at most ATT_MAX_PIECES per sequence), each thread's queries
+        self.records = torch.empty(m * ATT_MAX_PIECES * d.heads * (d.head_dim + 2), dtype=torch.float32)
+        self.queries = torch.empty(0, dtype=torch.float32)
         self.rows, self.key = m, (dtype, dims, vocab)
 
     def fits(self, m: int, dtype: torch.dtype, dims: Dims, vocab: int) -> bool:
@@ -79,6 +83,12 @@ class Workspace:
             self.lora_tmp = torch.empty(need, dtype=torch.float32)
         return self.lora_tmp
 
+    def attention_scratch(self, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.key[1]
+        if self.queries.numel() < threads * d.heads * d.head_dim:
+            self.queries = torch.empty(threads * d.heads * d.head_dim, dtype=torch.float32)
+        return self.records, self.queries
+
     def argmax_scratch(self, m: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.part_idx.numel() < m * threads:
             self.part_val, self.part_idx = torch.empty(m * threads), torch.empty(m * threads, dtype=torch.long)
@@ -87,7 +97,7 @@ class Workspace:
 
 def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor | None, dims: Dims,
                   positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                  block_tables: torch.Tensor, block_size: int, splits: int, ids: torch.Tensor | None = None,
+                  block_tables: torch.Tensor, block_size: int, ids: torch.Tensor | None = None,
                   embed: torch.Tensor | None = None, head: Head | None = None,
                   workspace: Workspace | None = None) -> torch.Tensor:
     """Run every layer of `ptrs` ([L, len(FIELDS)] int64) on h [M, hidden] in place. ops: [n, len(OP_FIELDS)]
@@ -116,13 +126,15 @@ def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor | None,
     argmax = torch.empty(m, dtype=torch.long) if head is not None else None
     threads = torch.get_num_threads()
     part_val, part_idx = ws.argmax_scratch(m, threads)
+    records, queries = ws.attention_scratch(threads)
     logits = logits32 if ws.logits is None else ws.logits
     norm, weight, bias = (None, None, None) if head is None else (head.norm, head.weight, head.bias)
     head_ops = _NO_HEAD_OPS if head is None or head.ops == (0, 0) else torch.tensor(head.ops, dtype=torch.long)
     getattr(_library(), DTYPES[h.dtype])(
         ptrs.shape[0], ptrs.data_ptr(), ops.data_ptr(), h.data_ptr(), m, d.hidden, d.heads, d.kv_heads, d.head_dim,
         d.intermediate, d.eps, d.scale, _ptr(ids), _ptr(embed), positions.data_ptr(), cos.data_ptr(),
-        sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), nb, block_size, nb * block_size, splits,
+        sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), nb, block_size, nb * block_size, records.data_ptr(),
+        queries.data_ptr(),
         _ptr(norm), _ptr(weight), _ptr(bias), head_ops.data_ptr(), _ptr(logits), _ptr(logits32), _ptr(argmax),
         part_val.data_ptr(), part_idx.data_ptr(), vocab, ws.x.data_ptr(), ws.qkv.data_ptr(), ws.attn.data_ptr(),
         ws.gate_up.data_ptr(), ws.act.data_ptr(), ws.wide.data_ptr(), lora_tmp.data_ptr(), skinny, sgemm, bf16gemm,
@@ -158,7 +170,7 @@ def available() -> bool:
 def _library() -> ctypes.CDLL | None:
     p, i, l, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     return native.load_functions("decode_layers", DTYPES.values(),
-                                 [i, p, p, p] + [i] * 6 + [f, f] + [p] * 7 + [i, i, l, i] + [p] * 9 + [i]
+                                 [i, p, p, p] + [i] * 6 + [f, f] + [p] * 7 + [i, i, l, p, p] + [p] * 9 + [i]
                                  + [p] * 7 + [i, p, p, i])
 
 

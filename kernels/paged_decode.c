@@ -8,30 +8,67 @@
  *   mask   [B, NB*BS]  bool (one byte), row stride mask_row: key j attended when mask[b, j]
  *   out    [B, H, D]   contiguous
  *
- * Work item: a sequence (or a share of its kv heads), reading its blocks' rows in cache order. Two passes:
- * scores (max kept), then exp and the weighted sum of values, divided by the sum at the end; fp32 accumulation
- * for every dtype. A row
- * with no attended key gets zeros. */
+ * Work item: a piece of a sequence's blocks, all its heads (kernels/attend.h: how a sequence is cut, the online
+ * softmax, the merge of the pieces' records). */
+#include <omp.h>
+
 #include "attend.h"
 
-/* splits: the kv heads of a sequence are cut into this many work items (it divides KVH); more than 1 only
- * when there are fewer sequences than threads to keep busy. */
+static inline __attribute__((always_inline)) void
+paged_decode(const void *q, long q_row, long q_head, const void *k, const void *v, const int64_t *tables,
+             const uint8_t *mask, long mask_row, void *out, int B, int H, int KVH, int D, int NB, int BS, float scale,
+             int num_threads, int bf16) {
+    const int esize = bf16 ? 2 : 4, G = H / KVH;
+    const long stride = attend_record(H, D);
+    int *first = malloc(sizeof(int) * (size_t)(2 * B + 1)), *used = first + B + 1;
+    first[0] = 0;
+    for (int b = 0; b < B; b++) {
+        used[b] = attend_used_blocks(mask + b * mask_row, NB, BS);
+        first[b + 1] = first[b] + attend_pieces(used[b]);
+    }
+    const int items = first[B];
+    /* the records and each thread's queries: a buffer kept per calling thread (a fresh one of this size is an
+     * mmap and its page faults on every call) */
+    static __thread float *buffer;
+    static __thread size_t capacity;
+    const size_t need = (size_t)items * stride + (size_t)num_threads * H * D + 1;
+    if (need > capacity) {
+        free(buffer);
+        buffer = malloc(sizeof(float) * need);
+        capacity = need;
+    }
+    float *records = buffer, *queries = records + (size_t)items * stride;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *qf = queries + (size_t)omp_get_thread_num() * H * D;
+#pragma omp for schedule(static)
+        for (int it = 0; it < items; it++) {
+            int b = 0;
+            while (first[b + 1] <= it) b++;
+            const int p = attend_piece_blocks(used[b]), jb0 = (it - first[b]) * p,
+                      jb1 = jb0 + p < used[b] ? jb0 + p : used[b];
+            for (int h = 0; h < H; h++)
+                for (int d = 0; d < D; d++)
+                    qf[h * D + d] = attend_load((const char *)q + (b * q_row + h * q_head) * esize, d, bf16) * scale;
+            float *rec = records + it * stride;
+            attend_piece(qf, k, v, tables + (long)b * NB, mask + b * mask_row, 0, KVH, G, KVH, D, jb0, jb1, BS,
+                         bf16, rec, rec + (long)H * D, rec + (long)H * D + H);
+        }
+#pragma omp for collapse(2) schedule(static)
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < H; h++)
+                attend_merge(records + first[b] * stride, stride, first[b + 1] - first[b], H, h, D,
+                             (char *)out + ((long)b * H + h) * D * esize, bf16);
+    }
+    free(first);
+}
+
 #define EXPORT(NAME, BF16)                                                                                      \
-    static void NAME##_item(const void *q, long q_row, long q_head, const void *k, const void *v,               \
-                            const int64_t *tables, const uint8_t *mask, long mask_row, void *out, int b,        \
-                            int kh0, int nkh, int H, int KVH, int D, int NB, int BS, float scale) {             \
-        attend(q, q_row, q_head, k, v, tables, mask, mask_row, out, b, kh0, nkh, H, KVH, D, NB, BS, scale,     \
-               BF16);                                                                                           \
-    }                                                                                                           \
     void NAME(const void *q, long q_row, long q_head, const void *k, const void *v, const int64_t *tables,     \
               const uint8_t *mask, long mask_row, void *out, int B, int H, int KVH, int D, int NB, int BS,     \
-              float scale, int splits, int num_threads) {                                                       \
-        const int nkh = KVH / splits;                                                                           \
-        _Pragma("omp parallel for collapse(2) schedule(static) num_threads(num_threads)")                      \
-        for (int b = 0; b < B; b++)                                                                             \
-            for (int part = 0; part < splits; part++)                                                           \
-                NAME##_item(q, q_row, q_head, k, v, tables, mask, mask_row, out, b, part * nkh, nkh, H, KVH,    \
-                            D, NB, BS, scale);                                                                  \
+              float scale, int num_threads) {                                                                   \
+        paged_decode(q, q_row, q_head, k, v, tables, mask, mask_row, out, B, H, KVH, D, NB, BS, scale,         \
+                     num_threads, BF16);                                                                        \
     }
 EXPORT(paged_decode_f32, 0)
 EXPORT(paged_decode_bf16, 1)

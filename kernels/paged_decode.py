@@ -5,7 +5,8 @@ at 32 sequences that copy is ~12% of a 160M decode step (bench/step_floor.py --g
 the same attention for one query per sequence without the copy. `paged_decode_ref` is its torch reference.
 
 Built and loaded by kernels/native.py (compiled once per machine; OpenMP on torch's worker team). It
-parallelises over sequences (and kv heads when there are few). `available()` is False where no compiler works
+parallelises over pieces of the sequences' keys (kernels/attend.h: a sequence is cut by its own length, so a
+row's result never depends on its batch). `available()` is False where no compiler works
 or `PEFTSERVE_NATIVE_KERNELS=0`; callers then use the reference.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from kernels import native
 
 DTYPES = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
+MAX_HEAD_DIM = 512         # kernels/attend.h ATT_MAX_D
 
 
 def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -45,16 +47,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     fn = getattr(_library(), DTYPES[q.dtype])
     threads = torch.get_num_threads()
     fn(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-       mask.data_ptr(), mask.stride(0), out.data_ptr(), b, h, kvh, d, nb, bs, scale, _splits(b, kvh, threads),
-       threads)
+       mask.data_ptr(), mask.stride(0), out.data_ptr(), b, h, kvh, d, nb, bs, scale, threads)
     return out
-
-
-def _splits(num_seqs: int, num_kv_heads: int, threads: int) -> int:
-    """Work items per sequence: 1 (a sequence's rows read in one sweep) unless there are too few sequences to
-    give every thread two items; then the smallest divisor of the kv heads that does."""
-    want = -(-2 * threads // num_seqs)
-    return next((n for n in range(1, num_kv_heads + 1) if num_kv_heads % n == 0 and n >= want), num_kv_heads)
 
 
 def supports(q, k_cache, v_cache, block_tables, mask) -> bool:
@@ -64,7 +58,7 @@ def supports(q, k_cache, v_cache, block_tables, mask) -> bool:
             and block_tables.dtype == torch.long and block_tables.is_contiguous()
             and mask.dtype == torch.bool and mask.dim() == 2 and mask.stride(1) == 1
             and mask.shape[1] == block_tables.shape[1] * k_cache.shape[1]
-            and q.shape[1] % k_cache.shape[2] == 0 and available())
+            and q.shape[1] % k_cache.shape[2] == 0 and q.shape[2] <= MAX_HEAD_DIM and available())
 
 
 def available() -> bool:
@@ -75,4 +69,4 @@ def available() -> bool:
 def _library() -> ctypes.CDLL | None:
     p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     return native.load_functions("paged_decode", DTYPES.values(),
-                                 [p, l, l, p, p, p, p, l, p] + [i] * 6 + [ctypes.c_float, i, i])
+                                 [p, l, l, p, p, p, p, l, p] + [i] * 6 + [ctypes.c_float, i])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from kernels import decode_layers as dl
-from kernels import paged_decode as pd
 from server.batch import BatchMeta
 from server.model.attention import KVCache
 
@@ -119,7 +118,6 @@ class DecodeStack:
             self.workspace = dl.Workspace(b, h.dtype, self.dims, vocab)
         logits = dl.decode_layers(h, table, torch.tensor(ops, dtype=torch.long) if ops else None, self.dims,
                                   meta.positions, cos, sin, meta.slot_mapping, g.block_tables, self.kv.block_size,
-                                  pd._splits(b, self.dims.kv_heads, torch.get_num_threads()),
                                   ids=None if given else meta.input_ids, embed=None if given else embed, head=head,
                                   workspace=self.workspace)
         return logits

@@ -91,7 +91,7 @@ def test_the_portable_build_without_avx512_agrees(tmp_path, dtype):
         b, h, d = q.shape
         out = q.new_empty(b, h, d)
         fn(q.data_ptr(), q.stride(0), q.stride(1), kc.data_ptr(), vc.data_ptr(), tables.data_ptr(), mask.data_ptr(),
-           mask.stride(0), out.data_ptr(), b, h, kc.shape[2], d, tables.shape[1], kc.shape[1], 0.2, 1, 2)
+           mask.stride(0), out.data_ptr(), b, h, kc.shape[2], d, tables.shape[1], kc.shape[1], 0.2, 2)
         ref = pd.paged_decode_ref(q.float(), kc.float(), vc.float(), tables, mask, 0.2)
         tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=2 ** -8)
         torch.testing.assert_close(out.float(), ref, **tol)
@@ -113,6 +113,20 @@ def test_the_output_depends_on_the_blocks_it_is_given():
     for key in masked_rows.tolist():
         kc2[tables[2, key // 4], key % 4] = 1e4           # poison keys the mask hides
     torch.testing.assert_close(pd.paged_decode(q, kc2, vc, tables, mask, 0.25)[2], out[2], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_result_does_not_depend_on_its_batch(dtype):
+    """A long sequence is cut into pieces (kernels/attend.h) by its own length alone: alone or next to others
+    (more work items, other threads), its output is the same bit for bit, and equals the reference."""
+    q, kc, vc, tables, mask = make_case(6, dtype=dtype, b=3, h=9, kvh=3, d=64, bs=16, lens=[900, 40, 300])
+    together = pd.paged_decode(q, kc, vc, tables, mask, 0.125)
+    for i in range(3):
+        alone = pd.paged_decode(q[i:i + 1], kc, vc, tables[i:i + 1].contiguous(), mask[i:i + 1], 0.125)
+        assert torch.equal(alone[0], together[i])
+    ref = pd.paged_decode_ref(q.float(), kc.float(), vc.float(), tables, mask, 0.125)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=2 ** -8)
+    torch.testing.assert_close(together.float(), ref, **tol)
 
 
 def test_a_row_with_no_attended_key_is_zero():
