@@ -152,11 +152,13 @@ static inline __attribute__((always_inline)) void phase_embed(const Step *s, int
     for (int m = 0; m < s->M; m++) memcpy(s->h + m * row, s->embed + s->ids[m] * row, row);
 }
 
-static inline __attribute__((always_inline)) void phase_norm(const Step *s, const int64_t *p, int bf16) {
+/* x = RMSNorm(h) * w: the first layer's input norm (later ones: the residual phase ending the layer before), or
+ * with no layers the final norm */
+static inline __attribute__((always_inline)) void phase_norm(const Step *s, const void *w, int bf16) {
     const int es = bf16 ? 2 : 4;
 #pragma omp for schedule(static)
     for (int m = 0; m < s->M; m++)
-        rmsnorm_row(s->h + (long)m * s->HD * es, ADDR(p, NORM1), s->x + (long)m * s->HD * es, s->HD, s->eps, bf16);
+        rmsnorm_row(s->h + (long)m * s->HD * es, w, s->x + (long)m * s->HD * es, s->HD, s->eps, bf16);
 }
 
 /* Per work item (a piece of a sequence's blocks, kernels/attend.h): RoPE of the sequence's query heads into the
@@ -223,6 +225,42 @@ static inline __attribute__((always_inline)) void phase_widen_logits(const Step 
 /* argmax[m] = the index of row m's first maximum, NaN counting as the maximum (torch.max's rule): each thread
  * scans the share of the row it wrote (the widening's and the lm_head's static halves), then the shares are
  * combined in order. */
+/* The first maximum of row[lo, hi) (lo < hi), NaN counting as the maximum: its index, and its value in *val. */
+static inline long argmax_share(const float *row, long lo, long hi, float *val) {
+    long best = lo, i = lo + 1;
+    float bv = row[lo];
+#if defined(__AVX512F__)
+    /* 16 lanes, each keeping its first maximum (strictly greater replaces), then the lanes' largest value at its
+     * smallest index; a NaN ends the scan at the first one */
+    if (bv == bv && hi - i >= 16) {
+        __m512 lane_val = _mm512_set1_ps(bv);
+        __m512i lane_idx = _mm512_set1_epi32(0);        /* offsets from lo; 0: row[lo] itself */
+        const __m512i step = _mm512_set1_epi32(16);
+        __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(i - lo)),
+                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        for (; i + 16 <= hi; i += 16, idx = _mm512_add_epi32(idx, step)) {
+            const __m512 v = _mm512_loadu_ps(row + i);
+            const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            if (nan) {
+                best = i + __builtin_ctz(nan);
+                *val = row[best];
+                return best;
+            }
+            const __mmask16 gt = _mm512_cmp_ps_mask(v, lane_val, _CMP_GT_OQ);
+            lane_val = _mm512_mask_mov_ps(lane_val, gt, v);
+            lane_idx = _mm512_mask_mov_epi32(lane_idx, gt, idx);
+        }
+        bv = _mm512_reduce_max_ps(lane_val);
+        const __mmask16 top = _mm512_cmp_ps_mask(lane_val, _mm512_set1_ps(bv), _CMP_EQ_OQ);
+        best = lo + _mm512_mask_reduce_min_epi32(top, lane_idx);
+    }
+#endif
+    for (; i < hi && bv == bv; i++)
+        if (row[i] > bv || row[i] != row[i]) bv = row[best = i];
+    *val = bv;
+    return best;
+}
+
 static inline __attribute__((always_inline)) void phase_argmax(const Step *s) {
     const int parts = omp_get_num_threads();
 #pragma omp for collapse(2) schedule(static)
@@ -230,12 +268,9 @@ static inline __attribute__((always_inline)) void phase_argmax(const Step *s) {
         for (int q = 0; q < parts; q++) {
             const float *row = s->logits32 + (long)m * s->V;
             const long lo = (long)s->V * q / parts, hi = (long)s->V * (q + 1) / parts;
-            long best = lo;
-            float bv = lo < hi ? row[lo] : -INFINITY;
-            for (long i = lo + 1; i < hi && bv == bv; i++)
-                if (row[i] > bv || row[i] != row[i]) bv = row[best = i];
+            float bv = -INFINITY;
+            s->part_idx[m * parts + q] = lo < hi ? argmax_share(row, lo, hi, &bv) : -1;
             s->part_val[m * parts + q] = bv;
-            s->part_idx[m * parts + q] = lo < hi ? best : -1;
         }
 #pragma omp for schedule(static)
     for (int m = 0; m < s->M; m++) {
@@ -299,7 +334,7 @@ static inline __attribute__((always_inline)) void skinny_body(const Step *s, int
         if (s->ids) phase_embed(s, bf16);
         for (int l = 0; l < s->L; l++) {
             const int64_t *p = s->ptrs + (long)l * NPTR;
-            if (l == 0) phase_norm(s, p, bf16);             /* later layers': by the residual ending the last */
+            if (l == 0) phase_norm(s, ADDR(p, NORM1), bf16);    /* later layers': by the residual ending the last */
             skinny_phase(s->x, HD, ADDR(p, QKV_W), ADDR(p, QKV_B), s->qkv, NQKV, M, NQKV, HD, bf16, s->wide);
             phase_lora(s, p + LORA0, s->x, HD, s->qkv, NQKV, bf16);
             phase_attention(s, p, bf16);
@@ -314,6 +349,7 @@ static inline __attribute__((always_inline)) void skinny_body(const Step *s, int
             phase_residual(s, next_norm(s, l), bf16);
         }
         if (s->logits) {
+            if (s->L == 0) phase_norm(s, s->norm, bf16);
             skinny_phase(s->x, HD, s->head_w, s->head_b, s->logits, s->V, M, s->V, HD, bf16, s->wide);
             phase_lora(s, s->head_ops, s->x, HD, s->logits, s->V, bf16);
             if (bf16) phase_widen_logits(s);
@@ -378,7 +414,7 @@ static inline __attribute__((always_inline)) void run_blas(const Step *s, int bf
     if (s->ids) PAR(phase_embed(s, bf16));
     for (int l = 0; l < s->L; l++) {
         const int64_t *p = s->ptrs + (long)l * NPTR;
-        if (l == 0) PAR(phase_norm(s, p, bf16));
+        if (l == 0) PAR(phase_norm(s, ADDR(p, NORM1), bf16));
         blas_linear(s, s->x, HD, ADDR(p, QKV_W), ADDR(p, QKV_B), s->qkv, NQKV, NQKV, HD, bf16);
         PAR_LORA(p + LORA0 + 0, s->x, HD, s->qkv, NQKV);
         PAR(phase_attention(s, p, bf16));
@@ -393,6 +429,7 @@ static inline __attribute__((always_inline)) void run_blas(const Step *s, int bf
         PAR(phase_residual(s, next_norm(s, l), bf16));
     }
     if (s->logits) {
+        if (s->L == 0) PAR(phase_norm(s, s->norm, bf16));
         blas_linear(s, s->x, HD, s->head_w, s->head_b, s->logits, s->V, s->V, HD, bf16);
         PAR_LORA(s->head_ops, s->x, HD, s->logits, s->V);
         if (bf16) PAR(phase_widen_logits(s));
@@ -412,7 +449,7 @@ static inline __attribute__((always_inline)) void run_blas(const Step *s, int bf
         int first[MAX_SEGS + 1], used[MAX_SEGS];    /* M <= 64: kernels/decode_layers.py MAX_ROWS */          \
         first[0] = 0;                                                                                           \
         for (int b = 0; b < M; b++) {      /* the sequences' used blocks, from the first layer's mask */          \
-            used[b] = attend_used_blocks((const uint8_t *)ADDR(ptrs, MASK) + b * mask_row, NB, BS);             \
+            used[b] = L ? attend_used_blocks((const uint8_t *)ADDR(ptrs, MASK) + b * mask_row, NB, BS) : 0;     \
             first[b + 1] = first[b] + (used[b] ? attend_pieces(used[b]) : 1);                                   \
         }                                                                                                       \
         const Step s = {L, M, HD, NH, KVH, D, I, NB, BS, num_threads, eps, scale, mask_row, ptrs, ops,          \

@@ -136,6 +136,42 @@ def test_lm_head_and_embedding_lora_in_the_stack_match_peft(tiny_model_dir, tmp_
     assert tokens[0] != alone[0]                                # the lm_head adapter changes the output
 
 
+def first_maximum(row: list[float]) -> int:
+    """The index of a row's first maximum, NaN counting as the maximum (torch.max's rule), in plain Python."""
+    nans = [i for i, v in enumerate(row) if v != v]
+    return nans[0] if nans else row.index(max(row))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_argmax_is_the_first_maximum_with_ties_and_nans(dtype):
+    """The stack's head alone (no layers): each row's argmax, scanned 16 lanes at a time in the threads' shares,
+    is the first of tied maxima (within a lane, across lanes, across shares) and the first NaN."""
+    g = torch.Generator().manual_seed(0)
+    hidden, vocab, m = 64, 1000, 4
+    dims = dl.Dims(hidden, 4, 2, 16, 128, 1e-6, 0.25)
+    h = torch.randn(m, hidden, generator=g).abs().to(dtype)
+    w = torch.randn(vocab, hidden, generator=g)
+    w[[301, 305, 317, 700, 999]] = 5.0                       # tied maxima of every row (h > 0)
+    head = dl.Head(torch.ones(hidden, dtype=dtype), w.to(dtype), None, (0, 0))
+
+    def run(h, head):
+        ptrs = torch.zeros(0, len(dl.FIELDS), dtype=torch.long)
+        zeros = torch.zeros(m, dtype=torch.long)
+        table = torch.zeros(1, dims.head_dim, dtype=dtype)
+        out = dl.decode_layers(h.clone(), ptrs, None, dims, zeros, table, table, zeros,
+                               torch.zeros(m, 1, dtype=torch.long), 16, head=head)
+        return out, out.row_argmax.tolist()
+
+    logits, found = run(h, head)
+    assert found == [first_maximum(r) for r in logits.tolist()] == [301] * m
+    h_nan = h.clone()
+    h_nan[2, 5] = float("nan")                               # every logit of row 2 NaN: its first, 0
+    w_nan = head.weight.clone()
+    w_nan[[640, 650]] = float("nan")                         # every row's logits 640 and 650 NaN: the first
+    logits, found = run(h_nan, dl.Head(head.norm, w_nan, None, (0, 0)))
+    assert found == [first_maximum(r) for r in logits.tolist()] == [640, 640, 0, 640]
+
+
 def test_rope_tables_equal_the_per_step_formula(tiny_model_dir):
     """The cached (cos, signed sin) rows are HF's rotary embedding of each position, also after the table grows."""
     from transformers import AutoConfig
