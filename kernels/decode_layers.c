@@ -139,7 +139,7 @@ typedef struct {
     int V;
     float *wide, *lora_tmp;       /* fp32 scratch: see the header; the LoRA shrink output [M * max R] */
     const int *first, *used;      /* attention pieces: sequence b's are first[b] .. first[b + 1] - 1 of `items` */
-    int items;
+    int items, head_groups;       /* work items: items x head_groups (kv heads in that many groups) */
     float *records, *queries;     /* the pieces' records (attend.h), each thread's queries [NH D] */
     sgemm_fn sgemm;
     bf16gemm_fn bf16gemm;
@@ -161,34 +161,38 @@ static inline __attribute__((always_inline)) void phase_norm(const Step *s, cons
         rmsnorm_row(s->h + (long)m * s->HD * es, w, s->x + (long)m * s->HD * es, s->HD, s->eps, bf16);
 }
 
-/* Per work item (a piece of a sequence's blocks, kernels/attend.h): RoPE of the sequence's query heads into the
- * thread's fp32 queries; the piece holding the new token (its last) also ropes the key heads and writes the token's
- * K / V rows into the cache first; then the piece's record. Then each (sequence, head)'s records merged into attn. */
+/* Per work item (a piece of a sequence's blocks, kernels/attend.h, and a group of its kv heads): RoPE of those kv
+ * heads' query heads into the thread's fp32 queries; the sequence's last piece (the new token's block) also ropes
+ * the group's key heads and writes its K / V rows into the cache first; then the piece's record of those heads.
+ * Then each (sequence, head)'s records merged into attn. The heads are grouped only when there are too few pieces
+ * to keep the threads busy (one short sequence); a head's arithmetic is the same in any group. */
 static inline __attribute__((always_inline)) void phase_attention(const Step *s, const int64_t *p, int bf16) {
     const int es = bf16 ? 2 : 4, NQKV = (s->NH + 2 * s->KVH) * s->D, QD = s->NH * s->D, G = s->NH / s->KVH,
-              D = s->D, NH = s->NH;
+              D = s->D, NH = s->NH, nkh = s->KVH / s->head_groups;
     const long kv_row = (long)s->KVH * D, stride = attend_record(NH, D);
     float *qf = s->queries + (long)omp_get_thread_num() * QD;
-#pragma omp for schedule(static)
-    for (int it = 0; it < s->items; it++) {
-        int b = 0;
-        while (s->first[b + 1] <= it) b++;
-        const int j = it - s->first[b], pb = attend_piece_blocks(s->used[b]), jb0 = j * pb,
-                  jb1 = jb0 + pb < s->used[b] ? jb0 + pb : s->used[b];
-        char *row = s->qkv + (long)b * NQKV * es, *k = row + (long)QD * es, *v = k + kv_row * es;
-        const long at = s->pos[b] * D * es;
-        rope_query(qf, row, s->cos + at, s->sin + at, NH, D, s->scale, bf16);
-        if (it == s->first[b + 1] - 1) {                    /* the last piece: the new token's block */
-            const long slot = s->slots[b] * kv_row;
-            rope_row(k, s->cos + at, s->sin + at, s->KVH, D, bf16);
-            memcpy((char *)ADDR(p, K_CACHE) + slot * es, k, kv_row * es);
-            memcpy((char *)ADDR(p, V_CACHE) + slot * es, v, kv_row * es);
+#pragma omp for collapse(2) schedule(static)
+    for (int it = 0; it < s->items; it++)
+        for (int hg = 0; hg < s->head_groups; hg++) {
+            int b = 0;
+            while (s->first[b + 1] <= it) b++;
+            const int j = it - s->first[b], pb = attend_piece_blocks(s->used[b]), jb0 = j * pb,
+                      jb1 = jb0 + pb < s->used[b] ? jb0 + pb : s->used[b], kh0 = hg * nkh, h0 = kh0 * G;
+            char *row = s->qkv + (long)b * NQKV * es, *k = row + (long)(QD + kh0 * D) * es,
+                 *v = row + (QD + kv_row + kh0 * D) * es;
+            const long at = s->pos[b] * D * es;
+            rope_query(qf, row + (long)h0 * D * es, s->cos + at, s->sin + at, nkh * G, D, s->scale, bf16);
+            if (it == s->first[b + 1] - 1) {                /* the last piece: the new token's block */
+                const long slot = s->slots[b] * kv_row + (long)kh0 * D;
+                rope_row(k, s->cos + at, s->sin + at, nkh, D, bf16);
+                memcpy((char *)ADDR(p, K_CACHE) + slot * es, k, (long)nkh * D * es);
+                memcpy((char *)ADDR(p, V_CACHE) + slot * es, v, (long)nkh * D * es);
+            }
+            float *rec = s->records + it * stride;
+            attend_piece(qf, ADDR(p, K_CACHE), ADDR(p, V_CACHE), s->tables + (long)b * s->NB,
+                         (const uint8_t *)ADDR(p, MASK) + b * s->mask_row, kh0, nkh, G, s->KVH, D, jb0, jb1, s->BS,
+                         bf16, rec + (long)h0 * D, rec + (long)NH * D + h0, rec + (long)NH * D + NH + h0);
         }
-        float *rec = s->records + it * stride;
-        attend_piece(qf, ADDR(p, K_CACHE), ADDR(p, V_CACHE), s->tables + (long)b * s->NB,
-                     (const uint8_t *)ADDR(p, MASK) + b * s->mask_row, 0, s->KVH, G, s->KVH, D, jb0, jb1, s->BS, bf16,
-                     rec, rec + (long)NH * D, rec + (long)NH * D + NH);
-    }
 #pragma omp for collapse(2) schedule(static)
     for (int b = 0; b < s->M; b++)
         for (int h = 0; h < NH; h++)
@@ -437,6 +441,14 @@ static inline __attribute__((always_inline)) void run_blas(const Step *s, int bf
     }
 }
 
+/* Groups the kv heads are cut into: 1, or with fewer pieces than two per thread the fewest (a divisor of KVH)
+ * that make that many work items, else one per kv head. */
+static int head_groups(int pieces, int KVH, int threads) {
+    for (int n = 1; n <= KVH; n++)
+        if (KVH % n == 0 && pieces * n >= 2 * threads) return n;
+    return KVH;
+}
+
 /* skinny: the matmuls by the small-batch GEMM (else sgemm / bf16gemm, which must then be given) */
 #define EXPORT(NAME, BF16)                                                                                      \
     void NAME(int L, const int64_t *ptrs, const int64_t *ops, void *h, int M, int HD, int NH, int KVH, int D,   \
@@ -455,7 +467,8 @@ static inline __attribute__((always_inline)) void run_blas(const Step *s, int bf
         const Step s = {L, M, HD, NH, KVH, D, I, NB, BS, num_threads, eps, scale, mask_row, ptrs, ops,          \
                         slots, tables, ids, pos, head_ops, h, x, qkv, attn, gu, act, logits, logits32,         \
                         part_val, argmax, part_idx, cos, sin, embed, norm, head_w, head_b, V, wide, lora_tmp,  \
-                        first, used, first[M], records, queries, (sgemm_fn)sgemm, (bf16gemm_fn)bf16gemm};       \
+                        first, used, first[M], head_groups(first[M], KVH, num_threads), records, queries,      \
+                        (sgemm_fn)sgemm, (bf16gemm_fn)bf16gemm};                                                \
         if (skinny) run_skinny(&s, BF16);                                                                       \
         else run_blas(&s, BF16);                                                                                \
     }
