@@ -265,7 +265,7 @@ attend_piece(const float *qf, const void *k, const void *v, const int64_t *table
  * acc / sum (e = 1 exactly); zeros when no piece attended a key. */
 static inline __attribute__((always_inline)) void
 attend_merge(const float *records, long stride, int pieces, int NH, int h, int D, void *out, int bf16) {
-    const float *mxs = records + (long)NH * D, *sums = mxs + NH;
+    const float *mxs = records + (long)NH * D;
     float top = -INFINITY;
     for (int j = 0; j < pieces; j++)
         if (mxs[j * stride + h] > top) top = mxs[j * stride + h];
