@@ -38,6 +38,7 @@ class ModelRunner:
         self.kv = KVCache(s.num_layers, self.num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
                           self.dtype, self.device)
         self.adapter_runtimes: list = []     # adapters.interface.AdapterRuntime, set by the engine
+        self._arange: torch.Tensor | None = None
 
     def run(self, batch: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Forward one step. Returns the sequences to sample (last chunk done) and their logits [S, V] fp32."""
@@ -48,6 +49,67 @@ class ModelRunner:
         return sampled, logits
 
     def build_meta(self, order: list[ScheduledSeq]) -> tuple[BatchMeta, list[ScheduledSeq]]:
+        if all(item.num_tokens == 1 and item.is_last_chunk and item.seq.prefix is None for item in order):
+            meta, rows = self._decode_meta(order)
+            sampled = order
+        else:
+            meta, rows, sampled = self._meta(order)
+        if any(item.seq.adapter is not None for item in order):
+            layout = StepLayout([StepItem(item.seq.adapter, row, item.num_tokens, item.seq.first_adapter_layer,
+                                          item.is_last_chunk, item.seq.adapter_state, item.seq.num_computed_tokens,
+                                          _own_virtual_slots(item.seq, self.block_size))
+                                 for item, row in zip(order, rows)])
+            for runtime in self.adapter_runtimes:
+                view = runtime.step_view(layout)
+                if view is not None:
+                    meta.adapters[runtime.name] = view
+                    meta.hooks.add(runtime)
+        return meta, sampled
+
+    def _decode_meta(self, order: list[ScheduledSeq]) -> tuple[BatchMeta, list[int]]:
+        """`_meta` of a step where every sequence decodes one token, with no shared prefix: the same tensors
+        from two host -> tensor copies and one comparison (a decode step's Python runs on caches the weight
+        stream has just swept, where each torch call costs several times its warm time)."""
+        bs, b = self.block_size, len(order)
+        rows, ids, positions, slots, seen = list(range(b)), [], [], [], []
+        tables = []
+        for item in order:
+            seq = item.seq
+            p = seq.num_computed_tokens
+            table, first = seq.block_table, seq.num_prefix_blocks * bs
+            ids.append(seq.all_ids[p])
+            positions.append(seq.first_position + p)
+            slots.append(table[(first + p) // bs] * bs + (first + p) % bs)
+            seen.append(p)                              # the query's key slot: keys 0 .. p attended
+            tables.append(table)
+        num_blocks = max(cdiv(p + 1, bs) for p in seen)
+        per_row = self._tensor([rows, ids, positions, slots, seen])
+        qpos = per_row[4][:, None]
+        kpos = self._key_slots(num_blocks * bs)[None, :]
+        causal = kpos <= qpos
+        masks = {None: causal.view(b, 1, 1, -1)}
+        for window in set(self.spec.sliding_window) - {None}:
+            masks[window] = (causal & (kpos > qpos - window)).view(b, 1, 1, -1)
+        group = AttnGroup(
+            token_index=per_row[0].view(b, 1),
+            out_index=per_row[0],
+            valid=None,
+            block_tables=self._tensor([t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in tables]),
+            masks=masks,
+            first_row=0,
+        )
+        meta = BatchMeta(input_ids=per_row[1], positions=per_row[2], slot_mapping=per_row[3], attn_groups=[group],
+                         sample_index=per_row[0], max_position=max(positions))
+        return meta, rows
+
+    def _key_slots(self, n: int) -> torch.Tensor:
+        """0 .. n - 1 (a view of one arange kept and grown by doubling)."""
+        if self._arange is None or self._arange.numel() < n:
+            self._arange = torch.arange(max(n, 2 * (0 if self._arange is None else self._arange.numel()), 1024),
+                                        device=self.device)
+        return self._arange[:n]
+
+    def _meta(self, order: list[ScheduledSeq]) -> tuple[BatchMeta, list[int], list[ScheduledSeq]]:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -84,17 +146,7 @@ class ModelRunner:
             layer_attn_groups=self._drop_prefixes(members, groups),
             max_position=max(positions),
         )
-        if any(item.seq.adapter is not None for item in order):
-            layout = StepLayout([StepItem(item.seq.adapter, row, item.num_tokens, item.seq.first_adapter_layer,
-                                          item.is_last_chunk, item.seq.adapter_state, item.seq.num_computed_tokens,
-                                          _own_virtual_slots(item.seq, bs))
-                                 for item, row in zip(order, rows)])
-            for runtime in self.adapter_runtimes:
-                view = runtime.step_view(layout)
-                if view is not None:
-                    meta.adapters[runtime.name] = view
-                    meta.hooks.add(runtime)
-        return meta, sampled
+        return meta, rows, sampled
 
     def attn_group(self, members: list[AttnMember]) -> AttnGroup:
         bs = self.block_size

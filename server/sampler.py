@@ -29,8 +29,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     # threads' caches, when these are its logits unchanged (penalties and grammar masks make new tensors); else
     # max(dim).indices (3x faster than argmax over a vocabulary)
     greedy = getattr(logits, "row_argmax", None)
-    tokens = greedy.clone() if greedy is not None else logits.max(dim=-1).indices
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if greedy is None:
+        tokens = logits.max(dim=-1).indices
+    else:
+        tokens = greedy.clone() if random_rows else greedy      # the kernel's own tensor, written below only if so
     if random_rows:
         rows = torch.tensor(random_rows)
         sub = logits[rows] / torch.tensor([params[i].temperature for i in random_rows])[:, None]

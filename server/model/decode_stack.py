@@ -33,6 +33,7 @@ class DecodeStack:
                          layer.mlp.down_proj) for layer in model.layers]
         self.windows = [layer.self_attn.window for layer in model.layers]
         self.table = self._table()
+        self.table_np = None if self.table is None else self.table.numpy()
         self.workspace: dl.Workspace | None = None            # for the most rows seen so far
         self.has_ops = False                                  # the table's LoRA columns point at ops
 
@@ -81,11 +82,11 @@ class DecodeStack:
             masks[window] = mask
         if any(w not in masks for w in self.windows):
             return None
-        table = self.table
+        table = self.table_np                   # the table's memory, written through numpy (no torch dispatch)
         if len(masks) == 1:
             table[:, MASK] = next(iter(masks.values())).data_ptr()
         else:
-            table[:, MASK] = torch.tensor([masks[w].data_ptr() for w in self.windows])
+            table[:, MASK] = [masks[w].data_ptr() for w in self.windows]
         ops, head_ops = [], (0, 0)
         if hooks.native_linear:
             columns = []
@@ -101,7 +102,7 @@ class DecodeStack:
             if not _add_ops(ops, hooks.native_linear, meta, model.lm_head):
                 return None
             head_ops = (first, len(ops) - first)
-            table[:, LORA0:] = torch.tensor(columns, dtype=torch.long)
+            table[:, LORA0:] = columns
         elif self.has_ops:
             table[:, LORA0:] = 0
         self.has_ops = bool(ops)
@@ -116,7 +117,7 @@ class DecodeStack:
         vocab = model.lm_head.weight.shape[0]
         if self.workspace is None or not self.workspace.fits(b, h.dtype, self.dims, vocab):
             self.workspace = dl.Workspace(b, h.dtype, self.dims, vocab)
-        logits = dl.decode_layers(h, table, torch.tensor(ops, dtype=torch.long) if ops else None, self.dims,
+        logits = dl.decode_layers(h, self.table, torch.tensor(ops, dtype=torch.long) if ops else None, self.dims,
                                   meta.positions, cos, sin, meta.slot_mapping, g.block_tables, self.kv.block_size,
                                   ids=None if given else meta.input_ids, embed=None if given else embed, head=head,
                                   workspace=self.workspace)
