@@ -42,6 +42,18 @@ static inline int attend_pieces(int used) {
     return (used + p - 1) / p;
 }
 
+/* Sequence b's pieces are first[b] .. first[b + 1] - 1 (first[B]: all of them), over its used[b] blocks of mask
+ * row b (none when mask is NULL), at least `at_least` each. */
+static inline void attend_cut(const uint8_t *mask, long mask_row, int B, int NB, int BS, int at_least, int *first,
+                              int *used) {
+    first[0] = 0;
+    for (int b = 0; b < B; b++) {
+        used[b] = mask ? attend_used_blocks(mask + b * mask_row, NB, BS) : 0;
+        const int n = attend_pieces(used[b]);
+        first[b + 1] = first[b] + (n > at_least ? n : at_least);
+    }
+}
+
 /* A piece's record: acc [NH, D], then mx [NH], then sum [NH] (fp32) */
 static inline long attend_record(int NH, int D) { return (long)NH * (D + 2); }
 

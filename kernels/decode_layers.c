@@ -68,42 +68,38 @@ residual_row(void *h, const void *o, const void *w, void *out, int n, float eps,
     if (w) rmsnorm_row(h, w, out, n, eps, bf16);
 }
 
-/* RoPE of `heads` heads of D in place: x * cos + roll(x, D / 2) * sin, each product and the sum rounded as torch
- * rounds them (no contraction into a fused multiply-add). */
+/* One head's RoPE into t [D]: x * cos + roll(x, D / 2) * sin, each product rounded as torch rounds it and no
+ * contraction into a fused multiply-add (the sum is left for the caller to round or store). */
 __attribute__((optimize("fp-contract=off"), noinline)) static void
-rope_row(void *row, const void *cos, const void *sin, int heads, int D, int bf16) {
-    float t[MAX_HEAD_DIM];
+rope_head(float *t, const char *x, const void *cos, const void *sin, int D, int bf16) {
     const int half = D / 2;
+#pragma omp simd
+    for (int d = 0; d < half; d++)
+        t[d] = rnd(load_w(x, d, bf16) * load_w(cos, d, bf16), bf16)
+             + rnd(load_w(x, d + half, bf16) * load_w(sin, d, bf16), bf16);
+#pragma omp simd
+    for (int d = half; d < D; d++)
+        t[d] = rnd(load_w(x, d, bf16) * load_w(cos, d, bf16), bf16)
+             + rnd(load_w(x, d - half, bf16) * load_w(sin, d, bf16), bf16);
+}
+
+/* RoPE of `heads` heads of D in place (the keys written to the cache). */
+static void rope_row(void *row, const void *cos, const void *sin, int heads, int D, int bf16) {
+    float t[MAX_HEAD_DIM];
     for (int hd = 0; hd < heads; hd++) {
         char *x = (char *)row + (long)hd * D * (bf16 ? 2 : 4);
-#pragma omp simd
-        for (int d = 0; d < half; d++)
-            t[d] = rnd(load_w(x, d, bf16) * load_w(cos, d, bf16), bf16)
-                 + rnd(load_w(x, d + half, bf16) * load_w(sin, d, bf16), bf16);
-#pragma omp simd
-        for (int d = half; d < D; d++)
-            t[d] = rnd(load_w(x, d, bf16) * load_w(cos, d, bf16), bf16)
-                 + rnd(load_w(x, d - half, bf16) * load_w(sin, d, bf16), bf16);
+        rope_head(t, x, cos, sin, D, bf16);
         for (int d = 0; d < D; d++) store(x, d, t[d], bf16);
     }
 }
 
-/* The same RoPE of `heads` query heads of `row` into fp32 qf [heads, D], each value then times `scale` (the
- * attention's queries; the row is left as it is, for the other pieces of its sequence). */
-__attribute__((optimize("fp-contract=off"), noinline)) static void
-rope_query(float *qf, const void *row, const void *cos, const void *sin, int heads, int D, float scale, int bf16) {
-    const int half = D / 2;
+/* The same RoPE of `heads` query heads of `row` into fp32 qf [heads, D], each value rounded to the row's dtype then
+ * times `scale` (the attention's queries; the row is left as it is, for the other pieces of its sequence). */
+static void rope_query(float *qf, const void *row, const void *cos, const void *sin, int heads, int D, float scale,
+                       int bf16) {
     for (int hd = 0; hd < heads; hd++) {
-        const char *x = (const char *)row + (long)hd * D * (bf16 ? 2 : 4);
         float *t = qf + (long)hd * D;
-#pragma omp simd
-        for (int d = 0; d < half; d++)
-            t[d] = (rnd(load_w(x, d, bf16) * load_w(cos, d, bf16), bf16)
-                    + rnd(load_w(x, d + half, bf16) * load_w(sin, d, bf16), bf16));
-#pragma omp simd
-        for (int d = half; d < D; d++)
-            t[d] = (rnd(load_w(x, d, bf16) * load_w(cos, d, bf16), bf16)
-                    + rnd(load_w(x, d - half, bf16) * load_w(sin, d, bf16), bf16));
+        rope_head(t, (const char *)row + (long)hd * D * (bf16 ? 2 : 4), cos, sin, D, bf16);
         for (int d = 0; d < D; d++) t[d] = rnd(t[d], bf16) * scale;
     }
 }
@@ -226,9 +222,6 @@ static inline __attribute__((always_inline)) void phase_widen_logits(const Step 
     }
 }
 
-/* argmax[m] = the index of row m's first maximum, NaN counting as the maximum (torch.max's rule): each thread
- * scans the share of the row it wrote (the widening's and the lm_head's static halves), then the shares are
- * combined in order. */
 /* The first maximum of row[lo, hi) (lo < hi), NaN counting as the maximum: its index, and its value in *val. */
 static inline long argmax_share(const float *row, long lo, long hi, float *val) {
     long best = lo, i = lo + 1;
@@ -265,6 +258,9 @@ static inline long argmax_share(const float *row, long lo, long hi, float *val) 
     return best;
 }
 
+/* argmax[m] = the index of row m's first maximum, NaN counting as the maximum (torch.max's rule): each thread
+ * scans the share of the row it wrote (the widening's and the lm_head's static halves), then the shares are
+ * combined in order. */
 static inline __attribute__((always_inline)) void phase_argmax(const Step *s) {
     const int parts = omp_get_num_threads();
 #pragma omp for collapse(2) schedule(static)
@@ -459,11 +455,8 @@ static int head_groups(int pieces, int KVH, int threads) {
               int64_t *part_idx, int V, void *x, void *qkv, void *attn, void *gu, void *act, float *wide,       \
               float *lora_tmp, int skinny, void *sgemm, void *bf16gemm, int num_threads) {                      \
         int first[MAX_SEGS + 1], used[MAX_SEGS];    /* M <= 64: kernels/decode_layers.py MAX_ROWS */          \
-        first[0] = 0;                                                                                           \
-        for (int b = 0; b < M; b++) {      /* the sequences' used blocks, from the first layer's mask */          \
-            used[b] = L ? attend_used_blocks((const uint8_t *)ADDR(ptrs, MASK) + b * mask_row, NB, BS) : 0;     \
-            first[b + 1] = first[b] + (used[b] ? attend_pieces(used[b]) : 1);                                   \
-        }                                                                                                       \
+        /* pieces from the first layer's mask; at least one per sequence, which writes its new K / V */         \
+        attend_cut(L ? (const uint8_t *)ADDR(ptrs, MASK) : NULL, mask_row, M, NB, BS, 1, first, used);          \
         const Step s = {L, M, HD, NH, KVH, D, I, NB, BS, num_threads, eps, scale, mask_row, ptrs, ops,          \
                         slots, tables, ids, pos, head_ops, h, x, qkv, attn, gu, act, logits, logits32,         \
                         part_val, argmax, part_idx, cos, sin, embed, norm, head_w, head_b, V, wide, lora_tmp,  \

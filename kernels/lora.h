@@ -107,8 +107,7 @@ shrink_item(const void *x, long x_row, int H_in, const void *a, int R, const int
     const char *ar = (const char *)a + ((seg_slot[i] * R + r) * (long)H_in) * esize;
 #if defined(__AVX512F__)
     shrink_avx((const char *)x, x_row, H_in, ar, seg_start[i], n, tmp + seg_off[i] * R + r, R, bf16);
-    return;
-#endif
+#else
     for (long off = 0; off < (long)H_in * esize; off += 64)     /* the row after next, ahead of its item */
         __builtin_prefetch(ar + 2L * H_in * esize + off);
     for (long t = 0; t < n; t += 4) {
@@ -128,6 +127,7 @@ shrink_item(const void *x, long x_row, int H_in, const void *a, int R, const int
         for (int u = 0; u < 4 && t + u < n; u++)
             tmp[(seg_off[i] + t + u) * R + r] = bf16 ? bf16_to_f32(f32_to_bf16(dots[u])) : dots[u];
     }
+#endif
 }
 
 /* Columns [c0, c0 + n) of slice p for segment i: y[row, col + c] += sum_r tmp[row, r0 + r] * b[slot, r, c]. */
@@ -142,8 +142,7 @@ expand_item(void *y, long y_row, int R, const int64_t *seg_start, const int64_t 
 #if defined(__AVX512F__)
     expand_avx(y, y_row, R, seg_start + i, seg_len + i, tmp + part_r0[p], seg_off[i], rank, width, part_col[p] + c0,
                b, n, bf16);
-    return;
-#endif
+#else
     float acc[CB];
     for (long r = 0; r < rank; r++)                             /* the next block of columns, ahead of its item */
         for (int off = 0; off < CB * esize; off += 64)
@@ -167,4 +166,5 @@ expand_item(void *y, long y_row, int R, const int64_t *seg_start, const int64_t 
             for (int c = 0; c < n; c++) yo[c] += acc[c];
         }
     }
+#endif
 }

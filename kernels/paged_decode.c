@@ -21,11 +21,7 @@ paged_decode(const void *q, long q_row, long q_head, const void *k, const void *
     const int esize = bf16 ? 2 : 4, G = H / KVH;
     const long stride = attend_record(H, D);
     int *first = malloc(sizeof(int) * (size_t)(2 * B + 1)), *used = first + B + 1;
-    first[0] = 0;
-    for (int b = 0; b < B; b++) {
-        used[b] = attend_used_blocks(mask + b * mask_row, NB, BS);
-        first[b + 1] = first[b] + attend_pieces(used[b]);
-    }
+    attend_cut(mask, mask_row, B, NB, BS, 0, first, used);
     const int items = first[B];
     /* the records and each thread's queries: a buffer kept per calling thread (a fresh one of this size is an
      * mmap and its page faults on every call) */

@@ -94,7 +94,7 @@ class ModelRunner:
             token_index=per_row[0].view(b, 1),
             out_index=per_row[0],
             valid=None,
-            block_tables=self._tensor([t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in tables]),
+            block_tables=self._tensor([t[:num_blocks] + [0] * (num_blocks - len(t)) for t in tables]),
             masks=masks,
             first_row=0,
         )
