@@ -3,11 +3,17 @@
 PEFT's."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 import pytest
 import torch
 
 from kernels import lora_fused as lf
 from kernels.segments import SegmentMeta
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (slice widths, their ranks) of the linears of a fused Llama layer, and a lone slice
 LINEARS = {
@@ -93,6 +99,31 @@ def test_bf16_matches_the_reference(linear):
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref.float(), atol=0.02, rtol=2 ** -7)
     assert (out != ref).float().mean() < 0.05
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="needs a C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_portable_build_without_avx512_agrees(tmp_path, monkeypatch, dtype):
+    """kernels/lora.h's plain-C items (machines without AVX-512), built for x86-64-v3 or the host without -march,
+    against the same reference."""
+    import ctypes
+    import platform
+    flags = ["-march=x86-64-v3"] if platform.machine() in ("x86_64", "AMD64") else []
+    path = tmp_path / "lora_portable.so"
+    subprocess.run(["cc", "-O3", *flags, "-fopenmp", "-shared", "-fPIC", "-o", str(path),
+                    os.path.join(REPO, "kernels", "lora_fused.c"), "-lm"], check=True, capture_output=True)
+    portable = ctypes.CDLL(str(path))
+    for name in lf.DTYPES.values():
+        getattr(portable, name).restype = None
+        getattr(portable, name).argtypes = getattr(lf._library(), name).argtypes
+    monkeypatch.setattr(lf, "_library", lambda: portable)
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=2 ** -7)
+    for linear, segments in [("qkv", "decode-by-adapter"), ("wide", "empty-and-long")]:
+        lens, slots = SEGMENTS[segments]
+        x, a, sl, seg, y = make_case(7, linear, lens, slots, dtype=dtype)
+        out = lf.lora_fused(x, a, sl, seg, y.clone())
+        torch.testing.assert_close(out.float(), lf.lora_fused_ref(x, a, sl, seg, y.clone()).float(), **tol)
+        assert not torch.allclose(out.float(), y.float())
 
 
 def test_unsupported_inputs_are_refused():
