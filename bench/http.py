@@ -17,8 +17,9 @@ case's closed-loop request rate. Offline: all requests added to the engine at on
 --concurrency, so the same batch size), stepped to completion. Reported: output tok/s, TTFT and TPOT p50 / p99,
 HTTP / offline. With --concurrency 1 also each case's TPOT against the weight-read floor (linear weight bytes / the
 read bandwidth): the requests then go one by one with the bandwidth measured after each (best of 3 sums over
-1 GiB, the server idle), so that a request is compared with the memory speed of its moment (this machine's moves
-by 20% within minutes), and again at the end of the run (bench/step_floor.py's read_bandwidth, best of 5).
+1 GiB on huge pages, the server idle), so that a request is compared with the memory speed of its moment (this
+machine's moves by 20% within minutes), and again at the end of the run (bench/step_floor.py's read_bandwidth, best
+of 5; also on 4 KiB pages, the floor before the served weights moved to huge pages).
 --shared-prefix adds the shared-system-prompt workload: every prompt starts with the same ~1k-token system prompt,
 request i for LoRA adapter i mod 8, with automatic prefix caching on and off (one server each).
 
@@ -328,6 +329,7 @@ def main():
         rows += bench_shared_prefix(model, args) if args.shared_prefix else bench_model(model, args)
     from bench.step_floor import read_bandwidth
     bandwidth = read_bandwidth()                # measured here, in the same run, with no server running
+    bandwidth_4k = read_bandwidth(huge_pages=False)
     print(f"\nmachine: {machine()}; load average at start {load:.2f}, at end {os.getloadavg()[0]:.2f}; "
           f"{args.requests} requests per case, {args.dtype}, greedy; read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
     print("| model | case | mode | tok/s | offline tok/s | HTTP / offline | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
@@ -351,7 +353,8 @@ def main():
                   f"median over requests of TPOT / the floor measured after it: {r['tpot_over_floor']:.2f}x "
                   f"(median floor {r['floor_ms']:.1f} ms); against the end-of-run floor "
                   f"({r['weight_bytes'] / 1e6:.0f} MB of linear weights / {bandwidth / 1e9:.1f} GB/s = {floor:.1f} ms): "
-                  f"{r['tpot_p50_ms'] / floor:.2f}x")
+                  f"{r['tpot_p50_ms'] / floor:.2f}x (on 4 KiB pages, {bandwidth_4k / 1e9:.1f} GB/s: "
+                  f"{r['tpot_p50_ms'] / (r['weight_bytes'] / bandwidth_4k * 1e3):.2f}x)")
     ratios = {}
     for r in rows:
         if r["mode"].startswith("closed") and "prefix_caching" not in r:

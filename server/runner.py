@@ -13,6 +13,7 @@ from server.model.attention import KVCache
 from server.model.llama import Linear
 from server.model.loader import load_model, resolve_dtype
 from server.model.quantize import weight_bytes
+from server.model.weight_arena import move_to_arena
 from server.scheduler import ScheduledSeq, SchedulerOutput
 
 
@@ -23,6 +24,7 @@ class ModelRunner:
                                            self.device)
         self.dtype = resolve_dtype(config.dtype, self.spec)
         self.model.to(self.device)
+        self.weight_arena = move_to_arena(self.model) if self.device.type == "cpu" else None
         quantized = [m.quantized for m in self.model.modules() if isinstance(m, Linear) and m.quantized is not None]
         self.num_quantized = len(quantized)
         self.double_quant = any(p.double_quant for q in quantized for p in q.parts)
