@@ -157,10 +157,6 @@ attend_piece_portable(const float *qf, const void *k, const void *v, const int64
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-#define ATT_MAX_G 16            /* query heads per kv head */
-#define ATT_MAX_C 32            /* 16-lane chunks of a head: D <= 512 */
-#define ATT_MAX_BS 64           /* keys per block */
-
 /* chunk c (16 elements, the tail masked) of a row as fp32 */
 static inline __m512 att_chunk(const char *row, int c, int D, int bf16) {
     const int k = c * 16;
@@ -175,85 +171,132 @@ static inline __mmask16 att_tail(int D, int c) {
     return D - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - k)) - 1);
 }
 
-/* The same piece with AVX-512, block by block (ATT_AHEAD blocks prefetched), in each block one kv head at a
- * time: each key and value row is loaded once (16 lanes at a time) for the kv head's G query heads, whose queries
- * and accumulators are loaded into vectors for the block; the block's scores, then its weights (online softmax,
- * vexp vectorised over the block's keys), then its values. */
+/* e^x of 16 lanes: vexp's arithmetic (kernels/vexp.h), a NaN kept */
+static inline __m512 att_vexp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-87.33654f), x);          /* max / min return x when x is NaN */
+    x = _mm512_min_ps(_mm512_set1_ps(88.72283f), x);
+    const __m512 big = _mm512_set1_ps(12582912.f);
+    const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), big), big);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+    const __m512i ni = _mm512_cvttps_epi32(n), a = _mm512_srai_epi32(ni, 1), b = _mm512_sub_epi32(ni, a);
+    const __m512 fa = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(a, _mm512_set1_epi32(127)), 23));
+    const __m512 fb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(127)), 23));
+    return _mm512_mul_ps(_mm512_mul_ps(p, fa), fb);
+}
+
+/* Lane i = the sum of v[i]'s 16 lanes: three levels of adds of shuffled halves / quarters / pairs (a transpose as
+ * it sums), then the lanes put back in order. */
+static inline __m512 att_hsum16(const __m512 *v) {
+    __m512 a[8], b[4];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++)       /* 128-bit lanes [x0 + x2, x1 + x3, y0 + y2, y1 + y3], x = v[2i], y = v[2i+1] */
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)       /* 128-bit lane L: four partial sums of v[4i + L] */
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+    const __m512 c0 = _mm512_add_ps(_mm512_unpacklo_ps(b[0], b[1]), _mm512_unpackhi_ps(b[0], b[1]));
+    const __m512 c1 = _mm512_add_ps(_mm512_unpacklo_ps(b[2], b[3]), _mm512_unpackhi_ps(b[2], b[3]));
+    /* element 4L + j: the sum of v[4j + L] */
+    const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c0, c1, 0x44), _mm512_shuffle_ps(c0, c1, 0xEE));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), d);
+}
+
+/* n (<= 16) rows of D elements, `row` apart, as fp32 rows of C * 16 (the tail zero) into out; a bf16 row is
+ * widened, an fp32 one copied. */
+static inline void att_widen_rows(const char *rows, long row, int n, int D, int C, int bf16, float *out) {
+    for (int t = 0; t < n; t++)
+        for (int c = 0; c < C; c++)
+            _mm512_storeu_ps(out + (t * C + c) * 16, att_chunk(rows + t * row, c, D, bf16));
+}
+
+#define ATT_TILE 16             /* keys scored together: one vector of scores */
+
+/* The same piece with AVX-512: block by block (ATT_AHEAD blocks prefetched), in a block kv head by kv head, its
+ * keys in tiles of 16. A tile's key and value rows are widened to fp32 once (bf16, or a head dim not a multiple of
+ * 16; else read in place); per query head its 16 scores come from 16 accumulators summed across lanes at once
+ * (att_hsum16: ~3 shuffles and adds a score, not a horizontal sum each), then the online softmax on the vector of
+ * scores, then the values: per 16-lane chunk of the head, the 16 weighted rows into the accumulator. */
 static inline __attribute__((always_inline)) void
 attend_piece_avx(const float *qf, const void *k, const void *v, const int64_t *table, const uint8_t *m, int kh0,
                  int nkh, int G, int KVH, int D, int jb0, int jb1, int BS, int bf16, float *acc, float *mx,
                  float *sum) {
-    const int C = (D + 15) / 16, esize = bf16 ? 2 : 4;
+    const int C = (D + 15) / 16, esize = bf16 ? 2 : 4, in_place = !bf16 && D % 16 == 0;
     const long kv_row = (long)KVH * D;
+    float kf[ATT_TILE * ATT_MAX_D] __attribute__((aligned(64))), vf[ATT_TILE * ATT_MAX_D] __attribute__((aligned(64)));
     for (int h = 0; h < nkh * G; h++) mx[h] = -INFINITY, sum[h] = 0.f;
     memset(acc, 0, sizeof(float) * (size_t)nkh * G * D);
     attend_prefetch(k, v, table, jb0, jb0 + ATT_AHEAD < jb1 ? jb0 + ATT_AHEAD : jb1, kh0, nkh, KVH, D, BS, esize);
     for (int jb = jb0; jb < jb1; jb++) {
         if (jb + ATT_AHEAD < jb1)
             attend_prefetch(k, v, table, jb + ATT_AHEAD, jb + ATT_AHEAD + 1, kh0, nkh, KVH, D, BS, esize);
-        const uint8_t *mb = m + (long)jb * BS;
         if (!attend_any(m, jb, BS)) continue;
-        for (int kh = kh0; kh < kh0 + nkh; kh++) {
-            const int h0 = (kh - kh0) * G;
-            const long row0 = table[jb] * BS * kv_row + (long)kh * D;
-            const char *kb = (const char *)k + row0 * esize, *vb = (const char *)v + row0 * esize;
-            __m512 qv[ATT_MAX_G][ATT_MAX_C], av[ATT_MAX_G][ATT_MAX_C];
-            float s[ATT_MAX_G][ATT_MAX_BS];
-            for (int g = 0; g < G; g++)
-                for (int c = 0; c < C; c++) qv[g][c] = _mm512_maskz_loadu_ps(att_tail(D, c), qf + (h0 + g) * D + c * 16);
-            for (int t = 0; t < BS; t++) {                          /* scores: a key row against G queries */
-                if (!mb[t]) continue;
-                const char *kr = kb + t * kv_row * esize;
-                __m512 kv[ATT_MAX_C];
-                for (int c = 0; c < C; c++) kv[c] = att_chunk(kr, c, D, bf16);
+        for (int t0 = 0; t0 < BS; t0 += ATT_TILE) {
+            const int n = BS - t0 < ATT_TILE ? BS - t0 : ATT_TILE;
+            const __mmask16 live = _mm_mask_cmpneq_epi8_mask((__mmask16)((1u << n) - 1),
+                                                             _mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1),
+                                                                                  m + (long)jb * BS + t0),
+                                                             _mm_setzero_si128());
+            if (!live) continue;
+            for (int kh = kh0; kh < kh0 + nkh; kh++) {
+                const long row0 = (table[jb] * BS + t0) * kv_row + (long)kh * D;
+                const char *kb = (const char *)k + row0 * esize, *vb = (const char *)v + row0 * esize;
+                const float *kr = in_place ? (const float *)kb : kf, *vr = in_place ? (const float *)vb : vf;
+                const long rs = in_place ? kv_row : (long)C * 16;       /* floats between rows */
+                if (!in_place) {
+                    att_widen_rows(kb, kv_row * esize, n, D, C, bf16, kf);
+                    att_widen_rows(vb, kv_row * esize, n, D, C, bf16, vf);
+                }
                 for (int g = 0; g < G; g++) {
-                    __m512 d = _mm512_mul_ps(qv[g][0], kv[0]);
-                    for (int c = 1; c < C; c++) d = _mm512_fmadd_ps(qv[g][c], kv[c], d);
-                    s[g][t] = _mm512_reduce_add_ps(d);
+                    const int h = (kh - kh0) * G + g;
+                    const float *q = qf + (long)h * D;
+                    __m512 p[ATT_TILE];
+#pragma GCC unroll 16
+                    for (int t = 0; t < ATT_TILE; t++) p[t] = _mm512_setzero_ps();
+                    for (int c = 0; c < C; c++) {                       /* scores: 16 keys, one chunk at a time */
+                        const __m512 qc = _mm512_maskz_loadu_ps(att_tail(D, c), q + c * 16);
+#pragma GCC unroll 16
+                        for (int t = 0; t < ATT_TILE; t++) {            /* rows past n: row n - 1 again, dropped */
+                            const float *row = kr + (t < n ? t : n - 1) * rs + c * 16;
+                            p[t] = _mm512_fmadd_ps(qc, in_place ? _mm512_loadu_ps(row) : _mm512_load_ps(row), p[t]);
+                        }
+                    }
+                    const __m512 s = att_hsum16(p);
+                    const float bmax = _mm512_mask_reduce_max_ps(live, s);
+                    float c0 = 1.f;
+                    if (bmax > mx[h]) {                                 /* rescale what was summed under the old max */
+                        c0 = vexp(mx[h] - bmax);
+                        sum[h] *= c0;
+                        mx[h] = bmax;
+                    }
+                    const __m512 w = _mm512_maskz_mov_ps(live, att_vexp16(_mm512_sub_ps(s, _mm512_set1_ps(mx[h]))));
+                    sum[h] += _mm512_reduce_add_ps(w);
+                    float wt[ATT_TILE];
+                    _mm512_storeu_ps(wt, w);
+                    float *ah = acc + (long)h * D;
+                    const __m512 cv = _mm512_set1_ps(c0);
+                    for (int c = 0; c < C; c++) {                       /* values: 16 rows into one chunk */
+                        const __mmask16 tail = att_tail(D, c);
+                        __m512 a[4] = {_mm512_mul_ps(_mm512_maskz_loadu_ps(tail, ah + c * 16), cv),
+                                       _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                        for (int t = 0; t < n; t++)                     /* four chains, not one of 16 FMAs */
+                            if (live >> t & 1)                          /* a masked row may hold anything */
+                                a[t & 3] = _mm512_fmadd_ps(_mm512_set1_ps(wt[t]), _mm512_loadu_ps(vr + t * rs + c * 16),
+                                                           a[t & 3]);
+                        _mm512_mask_storeu_ps(ah + c * 16, tail,
+                                              _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+                    }
                 }
             }
-            for (int g = 0; g < G; g++) {                           /* weights, the running max and sum */
-                const int h = h0 + g;
-                float bmax = mx[h];
-                const float *sc = s[g];
-#pragma omp simd reduction(max:bmax)
-                for (int t = 0; t < BS; t++) {
-                    const float x = mb[t] ? sc[t] : -INFINITY;
-                    bmax = x > bmax ? x : bmax;
-                }
-                float c0 = 1.f;
-                if (bmax > mx[h]) {
-                    c0 = vexp(mx[h] - bmax);
-                    sum[h] *= c0;
-                    mx[h] = bmax;
-                }
-                const __m512 cv = _mm512_set1_ps(c0);
-                for (int c = 0; c < C; c++)
-                    av[g][c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(att_tail(D, c), acc + (long)h * D + c * 16), cv);
-                float *sg = s[g], bsum = 0.f, e[ATT_MAX_BS];
-                const float mh = mx[h];
-#pragma omp simd
-                for (int t = 0; t < BS; t++) e[t] = vexp(sg[t] - mh);     /* vectorised: no branch around vexp */
-                for (int t = 0; t < BS; t++) {                          /* masked keys' (unset) scores dropped */
-                    const float w = mb[t] ? e[t] : 0.f;
-                    sg[t] = w;
-                    bsum += w;
-                }
-                sum[h] += bsum;
-            }
-            for (int t = 0; t < BS; t++) {                          /* values: a row for G accumulators */
-                if (!mb[t]) continue;
-                const char *vr = vb + t * kv_row * esize;
-                __m512 vv[ATT_MAX_C];
-                for (int c = 0; c < C; c++) vv[c] = att_chunk(vr, c, D, bf16);
-                for (int g = 0; g < G; g++) {
-                    const __m512 p = _mm512_set1_ps(s[g][t]);
-                    for (int c = 0; c < C; c++) av[g][c] = _mm512_fmadd_ps(p, vv[c], av[g][c]);
-                }
-            }
-            for (int g = 0; g < G; g++)
-                for (int c = 0; c < C; c++)
-                    _mm512_mask_storeu_ps(acc + (long)(h0 + g) * D + c * 16, att_tail(D, c), av[g][c]);
         }
     }
 }
@@ -264,7 +307,7 @@ static inline __attribute__((always_inline)) void
 attend_piece(const float *qf, const void *k, const void *v, const int64_t *table, const uint8_t *m, int kh0,
              int nkh, int G, int KVH, int D, int jb0, int jb1, int BS, int bf16, float *acc, float *mx, float *sum) {
 #if defined(__AVX512F__)
-    if (G <= ATT_MAX_G && D <= 16 * ATT_MAX_C && BS <= ATT_MAX_BS) {
+    if (D <= ATT_MAX_D) {
         attend_piece_avx(qf, k, v, table, m, kh0, nkh, G, KVH, D, jb0, jb1, BS, bf16, acc, mx, sum);
         return;
     }

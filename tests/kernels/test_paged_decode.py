@@ -47,7 +47,8 @@ CASES = {
     "q-contiguous": dict(b=4, h=6, kvh=2, d=128, bs=8, lens=[30, 8, 1, 17], strided_q=False),
     "head-dim-40": dict(b=3, h=6, kvh=2, d=40, bs=8, lens=[9, 23, 3]),             # a 16-lane tail
     "group-of-7": dict(b=2, h=14, kvh=2, d=64, bs=16, lens=[50, 7]),                 # Qwen2-0.5B's grouping
-    "group-of-17": dict(b=2, h=34, kvh=2, d=16, bs=4, lens=[6, 13]),                 # past the vector path's 16
+    "group-of-17": dict(b=2, h=34, kvh=2, d=16, bs=4, lens=[6, 13]),                 # a long loop over heads
+    "block-of-24": dict(b=3, h=4, kvh=2, d=48, bs=24, lens=[50, 24, 7]),             # a tile of 16 and one of 8
 }
 
 
