@@ -114,6 +114,31 @@ silu_mul(const void *gate, const void *up, void *act, int i0, int i1, int bf16) 
     }
 }
 
+/* Phase timing for bench/decode_phases.py, compiled in only with -DPHASE_TIMES: thread 0's seconds from the end of
+ * one phase to the end of the next (its closing barrier included, so a phase's imbalance counts where it is),
+ * summed over calls into phase_seconds. */
+enum { PH_EMBED, PH_QKV, PH_ATTN_ITEMS, PH_ATTN_MERGE, PH_O, PH_NORM, PH_GATE_UP, PH_SILU, PH_DOWN, PH_RESIDUAL,
+       PH_HEAD, PH_ARGMAX, PH_LORA, PH_COUNT };
+#ifdef PHASE_TIMES
+double phase_seconds[PH_COUNT];
+static double phase_mark;
+#define PHASE_START()                                                                                           \
+    do {                                                                                                        \
+        if (omp_get_thread_num() == 0) phase_mark = omp_get_wtime();                                            \
+    } while (0)
+#define PHASE_END(i)                                                                                            \
+    do {                                                                                                        \
+        if (omp_get_thread_num() == 0) {                                                                        \
+            const double now_ = omp_get_wtime();                                                                \
+            phase_seconds[i] += now_ - phase_mark;                                                              \
+            phase_mark = now_;                                                                                  \
+        }                                                                                                       \
+    } while (0)
+#else
+#define PHASE_START() do { } while (0)
+#define PHASE_END(i) do { } while (0)
+#endif
+
 #define ADDR(p, i) ((void *)(intptr_t)(p)[i])
 
 /* The BLAS the model's F.linear uses (torch's MKL), for batches beyond the small-batch GEMM: Fortran sgemm and
@@ -189,6 +214,7 @@ static inline __attribute__((always_inline)) void phase_attention(const Step *s,
                          (const uint8_t *)ADDR(p, MASK) + b * s->mask_row, kh0, nkh, G, s->KVH, D, jb0, jb1, s->BS,
                          bf16, rec + (long)h0 * D, rec + (long)NH * D + h0, rec + (long)NH * D + NH + h0);
         }
+    PHASE_END(PH_ATTN_ITEMS);
 #pragma omp for collapse(2) schedule(static)
     for (int b = 0; b < s->M; b++)
         for (int h = 0; h < NH; h++)
@@ -331,29 +357,46 @@ phase_lora(const Step *s, const int64_t *range, const void *x, int H_in, void *y
 static inline __attribute__((always_inline)) void skinny_body(const Step *s, int bf16) {
     const int NQKV = (s->NH + 2 * s->KVH) * s->D, QD = s->NH * s->D, HD = s->HD, I = s->I, M = s->M;
     {
+        PHASE_START();
         if (s->ids) phase_embed(s, bf16);
         for (int l = 0; l < s->L; l++) {
             const int64_t *p = s->ptrs + (long)l * NPTR;
             if (l == 0) phase_norm(s, ADDR(p, NORM1), bf16);    /* later layers': by the residual ending the last */
+            PHASE_END(PH_EMBED);
             skinny_phase(s->x, HD, ADDR(p, QKV_W), ADDR(p, QKV_B), s->qkv, NQKV, M, NQKV, HD, bf16, s->wide);
+            PHASE_END(PH_QKV);
             phase_lora(s, p + LORA0, s->x, HD, s->qkv, NQKV, bf16);
+            PHASE_END(PH_LORA);
             phase_attention(s, p, bf16);
+            PHASE_END(PH_ATTN_MERGE);
             skinny_phase(s->attn, QD, ADDR(p, O_W), ADDR(p, O_B), s->x, HD, M, HD, QD, bf16, s->wide);
+            PHASE_END(PH_O);
             phase_lora(s, p + LORA0 + 2, s->attn, QD, s->x, HD, bf16);
+            PHASE_END(PH_LORA);
             phase_residual(s, ADDR(p, NORM2), bf16);
+            PHASE_END(PH_NORM);
             skinny_phase(s->x, HD, ADDR(p, GU_W), ADDR(p, GU_B), s->gu, 2 * I, M, 2 * I, HD, bf16, s->wide);
+            PHASE_END(PH_GATE_UP);
             phase_lora(s, p + LORA0 + 4, s->x, HD, s->gu, 2 * I, bf16);
+            PHASE_END(PH_LORA);
             phase_silu(s, bf16);
+            PHASE_END(PH_SILU);
             skinny_phase(s->act, I, ADDR(p, DOWN_W), ADDR(p, DOWN_B), s->x, HD, M, HD, I, bf16, s->wide);
+            PHASE_END(PH_DOWN);
             phase_lora(s, p + LORA0 + 6, s->act, I, s->x, HD, bf16);
+            PHASE_END(PH_LORA);
             phase_residual(s, next_norm(s, l), bf16);
+            PHASE_END(PH_RESIDUAL);
         }
         if (s->logits) {
             if (s->L == 0) phase_norm(s, s->norm, bf16);
             skinny_phase(s->x, HD, s->head_w, s->head_b, s->logits, s->V, M, s->V, HD, bf16, s->wide);
+            PHASE_END(PH_HEAD);
             phase_lora(s, s->head_ops, s->x, HD, s->logits, s->V, bf16);
+            PHASE_END(PH_LORA);
             if (bf16) phase_widen_logits(s);
             phase_argmax(s);
+            PHASE_END(PH_ARGMAX);
         }
     }
 }

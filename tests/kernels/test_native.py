@@ -58,3 +58,38 @@ def test_without_a_compiler_the_torch_paths_give_the_same_tokens(tiny_model_dir,
     assert with_kernels.split(" ", 3)[3] == without.split(" ", 3)[3]
     assert not (tmp_path / "b" / "kernels").exists() or not any((tmp_path / "b" / "kernels").iterdir())
 
+
+
+def test_the_phase_timed_build_counts_every_phase_and_computes_the_same(tiny_model_dir, tmp_path):
+    """bench/decode_phases.py's build (-DPHASE_TIMES): its phase list matches the kernel's, its decode steps give
+    the default build's tokens, and the matmul and attention phases are timed."""
+    import re
+    from bench.decode_phases import PHASES
+    source = open(os.path.join(REPO, "kernels", "decode_layers.c")).read()
+    enum = re.search(r"enum \{ (PH_EMBED.*?) \};", source, re.S).group(1)
+    assert [n.strip() for n in enum.split(",")][-1] == "PH_COUNT"
+    assert len([n for n in enum.split(",") if n.strip()]) - 1 == len(PHASES)
+    script = f"""
+        import ctypes, sys
+        from kernels import native
+        timed = sys.argv[1] == "timed"
+        if timed:
+            native.FLAGS = native.FLAGS + ("-DPHASE_TIMES",)
+        from server.config import EngineConfig
+        from server.engine import LLMEngine
+        from server.sampling import SamplingParams
+        engine = LLMEngine(EngineConfig(model={str(tiny_model_dir("llama"))!r}, kv_cache_memory="4MiB", block_size=4))
+        engine.add_request("a", [5, 9, 33, 7, 100, 21], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+        tokens = []
+        while engine.has_unfinished():
+            tokens += [t for o in engine.step() for t in o.token_ids]
+        print(tokens)
+        if timed:
+            seconds = (ctypes.c_double * {len(PHASES)}).in_dll(native.load("decode_layers"), "phase_seconds")
+            print([seconds[i] > 0 for i in range({len(PHASES)})])
+    """
+    default = run(script.replace("sys.argv[1]", "'default'"), PEFTSERVE_CACHE=str(tmp_path)).split("\n")
+    timed = run(script.replace("sys.argv[1]", "'timed'"), PEFTSERVE_CACHE=str(tmp_path)).split("\n")
+    assert timed[0] == default[0] and len(eval(default[0])) == 6
+    counted = dict(zip(PHASES, eval(timed[1])))
+    assert all(counted[p] for p in ("qkv", "attention items", "attention merge", "o", "gate_up", "down", "lm_head"))
