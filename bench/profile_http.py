@@ -1,7 +1,8 @@
 """Where a whole HTTP run spends the server's CPU: py-spy samples of the `peftserve serve` process (every thread)
 during bench/http.py's closed loop; prints samples per thread and the top functions (inclusive and self).
 
-    python -m bench.profile_http [--model llama-160m] [--case lora8] [--requests 64] [--py-spy PATH]
+    python -m bench.profile_http [--model llama-160m] [--case lora8] [--requests 64] [--concurrency 32]
+                                 [--dtype float32] [--py-spy PATH]
 
 py-spy is a development tool, not a dependency: `pip install --target /tmp/pyspy py-spy==0.4.3` and pass
 --py-spy /tmp/pyspy/bin/py-spy. Samples are taken only while a thread runs (idle threads are not sampled).
@@ -47,8 +48,9 @@ def main():
     ap.add_argument("--py-spy", default="/tmp/pyspy/bin/py-spy")
     ap.add_argument("--out", default="/tmp/peftserve-http-profile.txt")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
-    args.dtype, args.max_num_seqs, args.kv_cache_memory = "float32", 64, "1GiB"
+    args.max_num_seqs, args.kv_cache_memory = 64, "1GiB"
     base = http.model_dir(args.model)
     dirs = http.make_adapters(base, args.model, 64)
     prompt_len, output_len = (32, 32) if args.model == "llama-160m" else (80, 64)

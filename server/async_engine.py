@@ -186,8 +186,8 @@ class AsyncEngine:
             paused_after_error = paused_after_error and not commands
             for command in commands:
                 self._apply(command)
-            # the applied adds now show in the engine's own num_waiting
-            self._publish_stats(num_applied_adds=sum(isinstance(c, _Add) for c in commands))
+            if commands:                # the applied adds now show in the engine's own num_waiting
+                self._publish_stats(num_applied_adds=sum(isinstance(c, _Add) for c in commands))
             if self.engine.has_unfinished() and not paused_after_error:
                 try:
                     self._route(self.engine.step())
