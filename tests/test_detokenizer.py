@@ -55,3 +55,25 @@ def test_min_tokens_holds_stop_strings_off(tok):
     assert not stopped and "".join(parts) == TEXT
     parts, stopped = stream(tok, ids, ["return", "print("], min_tokens=first + 2)
     assert stopped and "".join(parts) == "def hello(name):\n    return f'héllo {name} ✓'  # done\n"
+
+
+class _NoBackend:
+    """A tokenizer seen only through transformers' decode (no backend_tokenizer): the Detokenizer's fallback."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def decode(self, ids, **kwargs):
+        return self.tok.decode(ids, **kwargs)
+
+    def encode(self, text):
+        return self.tok.encode(text)
+
+
+def test_the_backend_decode_gives_transformers_deltas_with_special_tokens_skipped(tok):
+    ids = tok.encode(TEXT)
+    ids = ids[:5] + [tok.eos_token_id] + ids[5:]          # a special token mid-output: skipped by both paths
+    fast, _ = stream(tok, ids, [])
+    slow, _ = stream(_NoBackend(tok), ids, [])
+    assert Detokenizer(tok, [], []).backend is not None and Detokenizer(_NoBackend(tok), [], []).backend is None
+    assert fast == slow and "".join(fast) == TEXT
