@@ -6,9 +6,11 @@
 `--seqs` greedy requests of `--prompt-len` random tokens decode `--tokens` tokens together; every step's parts are
 timed (the engine's own methods wrapped, nothing else changed) and the medians over the decode steps printed:
   schedule     the scheduler's decision
-  build_meta   the step's tensors (runner.build_meta: positions, slots, attention groups and masks)
+  build_meta   the step's tensors (runner.build_meta: positions, slots, attention groups and masks), or for a
+               base-model decode step its rows written into the decode stack's buffers (runner._base_decode)
   kernel       kernels/decode_layers' call (the C stack from token ids to logits and argmax, and its wrapper)
-  stack python server/model/decode_stack.py around that call (the table's masks and LoRA ops)
+  stack python server/model/decode_stack.py around that call (the table's masks and LoRA ops; rows_logits for a
+               base-model decode step)
   sampling     penalties, grammar masks, the sampler
   postprocess  detokenisation, stop checks, outputs
   step         the whole engine.step; `outside the kernel` = step - kernel
@@ -55,8 +57,10 @@ def main():
     parts = {k: [] for k in ("schedule", "build_meta", "kernel", "stack", "sampling", "postprocess", "step")}
     wrap(engine.scheduler, "schedule", parts["schedule"])
     wrap(engine.runner, "build_meta", parts["build_meta"])
+    wrap(engine.runner, "_base_decode", parts["build_meta"])       # a base-model decode step's rows, ...
     wrap(decode_layers, "decode_layers", parts["kernel"])
     wrap(decode_stack.DecodeStack, "logits", parts["stack"])
+    wrap(decode_stack.DecodeStack, "rows_logits", parts["stack"])  # ... which include the stack's call
     wrap(engine_module, "sample_states", parts["sampling"])
     wrap(engine, "_postprocess", parts["postprocess"])
     wrap(engine, "step", parts["step"])
@@ -69,6 +73,8 @@ def main():
         engine.step()
         if len(parts["kernel"]) > before["kernel"]:
             step = {k: sum(v[before[k]:]) for k, v in parts.items()}
+            if len(parts["build_meta"]) > before["build_meta"] and step["build_meta"] > step["stack"]:
+                step["build_meta"] -= step["stack"]     # a base decode step: _base_decode ran the stack
             step["stack"] -= step["kernel"]             # the Python around the call
             step["outside"] = step["step"] - step["kernel"]
             per_step.append(step)

@@ -19,7 +19,8 @@
  *            and each row's argmax into argmax [M] int64 (the greedy token, found where the logits are still in
  *            the caches of the threads that wrote them; part_val / part_idx: [M * threads] scratch)
  *   slots    [M] int64           cache row of each token's K / V
- *   tables   [M, NB] int64       each sequence's KV blocks; mask [M, NB * BS] bool per layer (its window)
+ *   tables   [M, NB] int64       each sequence's KV blocks (rows table_row apart); mask [M, NB * BS] bool per layer
+ *                                (its window; rows mask_row apart)
  *   x, qkv, attn, gu, act        scratch [M, HD], [M, (NH + 2 KVH) D], [M, NH D], [M, 2 I], [M, I]
  *   wide     fp32 scratch [M * max(HD, NH D, I, (NH + 2 KVH) D, 2 I)]: bf16 inputs widened for the small-batch
  *            GEMM where the CPU needs it, or the BLAS's fp32 output of a bf16 matmul before its rounding
@@ -151,7 +152,7 @@ typedef void (*bf16gemm_fn)(int, int, int, int, int, int, float, const uint16_t 
 typedef struct {
     int L, M, HD, NH, KVH, D, I, NB, BS, threads;
     float eps, scale;
-    long mask_row;
+    long mask_row, table_row;
     const int64_t *ptrs, *ops, *slots, *tables, *ids, *pos, *head_ops;   /* head_ops: first op, count */
     char *h, *x, *qkv, *attn, *gu, *act, *logits;
     float *logits32, *part_val;
@@ -210,7 +211,7 @@ static inline __attribute__((always_inline)) void phase_attention(const Step *s,
                 memcpy((char *)ADDR(p, V_CACHE) + slot * es, v, (long)nkh * D * es);
             }
             float *rec = s->records + it * stride;
-            attend_piece(qf, ADDR(p, K_CACHE), ADDR(p, V_CACHE), s->tables + (long)b * s->NB,
+            attend_piece(qf, ADDR(p, K_CACHE), ADDR(p, V_CACHE), s->tables + (long)b * s->table_row,
                          (const uint8_t *)ADDR(p, MASK) + b * s->mask_row, kh0, nkh, G, s->KVH, D, jb0, jb1, s->BS,
                          bf16, rec + (long)h0 * D, rec + (long)NH * D + h0, rec + (long)NH * D + NH + h0);
         }
@@ -493,14 +494,15 @@ static int head_groups(int pieces, int KVH, int threads) {
     void NAME(int L, const int64_t *ptrs, const int64_t *ops, void *h, int M, int HD, int NH, int KVH, int D,   \
               int I, float eps, float scale, const int64_t *ids, const void *embed, const int64_t *pos,         \
               const void *cos, const void *sin, const int64_t *slots, const int64_t *tables, int NB, int BS,    \
-              long mask_row, float *records, float *queries, const void *norm, const void *head_w, const void *head_b,              \
+              long mask_row, long table_row, float *records, float *queries, const void *norm, const void *head_w,    \
+              const void *head_b,                                                                               \
               const int64_t *head_ops, void *logits, float *logits32, int64_t *argmax, float *part_val,        \
               int64_t *part_idx, int V, void *x, void *qkv, void *attn, void *gu, void *act, float *wide,       \
               float *lora_tmp, int skinny, void *sgemm, void *bf16gemm, int num_threads) {                      \
         int first[MAX_SEGS + 1], used[MAX_SEGS];    /* M <= 64: kernels/decode_layers.py MAX_ROWS */          \
         /* pieces from the first layer's mask; at least one per sequence, which writes its new K / V */         \
         attend_cut(L ? (const uint8_t *)ADDR(ptrs, MASK) : NULL, mask_row, M, NB, BS, 1, first, used);          \
-        const Step s = {L, M, HD, NH, KVH, D, I, NB, BS, num_threads, eps, scale, mask_row, ptrs, ops,          \
+        const Step s = {L, M, HD, NH, KVH, D, I, NB, BS, num_threads, eps, scale, mask_row, table_row, ptrs, ops, \
                         slots, tables, ids, pos, head_ops, h, x, qkv, attn, gu, act, logits, logits32,         \
                         part_val, argmax, part_idx, cos, sin, embed, norm, head_w, head_b, V, wide, lora_tmp,  \
                         first, used, first[M], head_groups(first[M], KVH, num_threads), records, queries,      \

@@ -73,6 +73,18 @@ class Workspace:
         self.records = torch.empty(m * ATT_MAX_PIECES * d.heads * (d.head_dim + 2), dtype=torch.float32)
         self.queries = torch.empty(0, dtype=torch.float32)
         self.rows, self.key = m, (dtype, dims, vocab)
+        self._addresses: tuple | None = None        # the buffers' addresses, as the call passes them
+
+    def addresses(self, threads: int) -> tuple:
+        """(records, queries, part_val, part_idx, x, qkv, attn, gate_up, act, wide) addresses, the attention and
+        argmax scratch sized for `threads` (kept until a buffer is replaced: data_ptr() is a call into torch)."""
+        self.attention_scratch(threads)
+        self.argmax_scratch(self.rows, threads)
+        if self._addresses is None:
+            self._addresses = tuple(t.data_ptr() for t in (self.records, self.queries, self.part_val, self.part_idx,
+                                                           self.x, self.qkv, self.attn, self.gate_up, self.act,
+                                                           self.wide))
+        return self._addresses
 
     def fits(self, m: int, dtype: torch.dtype, dims: Dims, vocab: int) -> bool:
         return m <= self.rows and self.key == (dtype, dims, vocab)
@@ -87,19 +99,36 @@ class Workspace:
         d = self.key[1]
         if self.queries.numel() < threads * d.heads * d.head_dim:
             self.queries = torch.empty(threads * d.heads * d.head_dim, dtype=torch.float32)
+            self._addresses = None
         return self.records, self.queries
 
     def argmax_scratch(self, m: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.part_idx.numel() < m * threads:
             self.part_val, self.part_idx = torch.empty(m * threads), torch.empty(m * threads, dtype=torch.long)
+            self._addresses = None
         return self.part_val, self.part_idx
 
 
+@dataclass(frozen=True)
+class RowAddresses:
+    """A step's per-row inputs given by address, for a caller that keeps them in its own buffers (numpy, reused
+    step after step): ids, positions, slots [>= M] int64; tables int64, row b at tables + b * table_row; `blocks`
+    of them used by the step (each layer's mask rows then `mask_row` bytes apart, the first blocks * block_size
+    of a row read)."""
+    ids: int
+    positions: int
+    slots: int
+    tables: int
+    blocks: int
+    table_row: int
+    mask_row: int
+
+
 def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor | None, dims: Dims,
-                  positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                  block_tables: torch.Tensor, block_size: int, ids: torch.Tensor | None = None,
+                  positions: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor | None,
+                  block_tables: torch.Tensor | None, block_size: int, ids: torch.Tensor | None = None,
                   embed: torch.Tensor | None = None, head: Head | None = None,
-                  workspace: Workspace | None = None) -> torch.Tensor:
+                  workspace: Workspace | None = None, rows: RowAddresses | None = None) -> torch.Tensor:
     """Run every layer of `ptrs` ([L, len(FIELDS)] int64) on h [M, hidden] in place. ops: [n, len(OP_FIELDS)]
     int64, the LoRA ops the layers' rows point at (their slots index the A / B stacks), or None when they point
     at none. With `ids` ([M] int64), h starts as their rows of `embed` [V, hidden] (h's contents are ignored).
@@ -108,14 +137,18 @@ def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor | None,
     unchanged).
 
     positions [M] int64 index the RoPE tables cos, sin [P, head_dim] (contiguous, sin signed); slots [M],
-    block_tables [M, NB] int64; each layer's mask [M, NB * block_size] bool contiguous. `workspace`: scratch
-    for at least M rows (else made here). Needs `supports(...)`."""
+    block_tables [M, NB] int64; each layer's mask [M, NB * block_size] bool contiguous. `rows`: those inputs
+    (ids too, with `embed`) by address instead. `workspace`: scratch for at least M rows (else made here). Needs
+    `supports(...)`."""
     m, d = h.shape[0], dims
     vocab = 0 if head is None else head.weight.shape[0]
     ws = workspace
     if ws is None or not ws.fits(m, h.dtype, dims, vocab):
         ws = Workspace(m, h.dtype, dims, vocab)
-    nb = block_tables.shape[1]
+    if rows is None:
+        nb = block_tables.shape[1]
+        rows = RowAddresses(_ptr(ids), positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), nb, nb,
+                            nb * block_size)
     skinny = m <= skinny_gemm.MAX_ROWS.get(h.dtype, 0)
     sgemm, bf16gemm = _blas()
     if ops is None:
@@ -125,19 +158,16 @@ def decode_layers(h: torch.Tensor, ptrs: torch.Tensor, ops: torch.Tensor | None,
     logits32 = torch.empty(m, vocab, dtype=torch.float32) if head is not None else None
     argmax = torch.empty(m, dtype=torch.long) if head is not None else None
     threads = torch.get_num_threads()
-    part_val, part_idx = ws.argmax_scratch(m, threads)
-    records, queries = ws.attention_scratch(threads)
+    records, queries, part_val, part_idx, x, qkv, attn, gate_up, act, wide = ws.addresses(threads)
     logits = logits32 if ws.logits is None else ws.logits
     norm, weight, bias = (None, None, None) if head is None else (head.norm, head.weight, head.bias)
     head_ops = _NO_HEAD_OPS if head is None or head.ops == (0, 0) else torch.tensor(head.ops, dtype=torch.long)
     getattr(_library(), DTYPES[h.dtype])(
         ptrs.shape[0], ptrs.data_ptr(), ops.data_ptr(), h.data_ptr(), m, d.hidden, d.heads, d.kv_heads, d.head_dim,
-        d.intermediate, d.eps, d.scale, _ptr(ids), _ptr(embed), positions.data_ptr(), cos.data_ptr(),
-        sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), nb, block_size, nb * block_size, records.data_ptr(),
-        queries.data_ptr(),
+        d.intermediate, d.eps, d.scale, rows.ids, _ptr(embed), rows.positions, cos.data_ptr(), sin.data_ptr(),
+        rows.slots, rows.tables, rows.blocks, block_size, rows.mask_row, rows.table_row, records, queries,
         _ptr(norm), _ptr(weight), _ptr(bias), head_ops.data_ptr(), _ptr(logits), _ptr(logits32), _ptr(argmax),
-        part_val.data_ptr(), part_idx.data_ptr(), vocab, ws.x.data_ptr(), ws.qkv.data_ptr(), ws.attn.data_ptr(),
-        ws.gate_up.data_ptr(), ws.act.data_ptr(), ws.wide.data_ptr(), lora_tmp.data_ptr(), skinny, sgemm, bf16gemm,
+        part_val, part_idx, vocab, x, qkv, attn, gate_up, act, wide, lora_tmp.data_ptr(), skinny, sgemm, bf16gemm,
         threads)
     if logits32 is None:
         return h
@@ -170,7 +200,7 @@ def available() -> bool:
 def _library() -> ctypes.CDLL | None:
     p, i, l, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     return native.load_functions("decode_layers", DTYPES.values(),
-                                 [i, p, p, p] + [i] * 6 + [f, f] + [p] * 7 + [i, i, l, p, p] + [p] * 9 + [i]
+                                 [i, p, p, p] + [i] * 6 + [f, f] + [p] * 7 + [i, i, l, l, p, p] + [p] * 9 + [i]
                                  + [p] * 7 + [i, p, p, i])
 
 

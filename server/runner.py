@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from adapters.interface import StepItem, StepLayout
@@ -10,6 +11,7 @@ from server.batch import AttnGroup, BatchMeta
 from server.config import EngineConfig
 from server.kv_blocks import cdiv
 from server.model.attention import KVCache
+from server.model.decode_stack import DecodeRows
 from server.model.llama import Linear
 from server.model.loader import load_model, resolve_dtype
 from server.model.quantize import weight_bytes
@@ -40,15 +42,45 @@ class ModelRunner:
         self.kv = KVCache(s.num_layers, self.num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
                           self.dtype, self.device)
         self.adapter_runtimes: list = []     # adapters.interface.AdapterRuntime, set by the engine
-        self._arange: torch.Tensor | None = None
+        self._arange: np.ndarray | None = None
+        self.base_decode = True              # base-model decode steps through _base_decode (tests turn it off)
+        self._rows: DecodeRows | None = None
+        self.max_num_seqs = config.max_num_seqs
 
     def run(self, batch: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Forward one step. Returns the sequences to sample (last chunk done) and their logits [S, V] fp32."""
         self.kv.copy_blocks(batch.block_copies)
         order = sorted(batch.scheduled, key=batch_order_key)
+        logits = self._base_decode(order) if self.base_decode else None
+        if logits is not None:
+            return order, logits
         meta, sampled = self.build_meta(order)
         logits = self.model(meta, self.kv)
         return sampled, logits
+
+    def _base_decode(self, order: list[ScheduledSeq]) -> torch.Tensor | None:
+        """The logits of a step where every sequence decodes one token of the base model (no adapter, no shared
+        prefix), the steady state of serving, with no BatchMeta: the rows go into the decode stack's numpy buffers
+        (server.model.decode_stack.DecodeRows) and from there to its kernel. None when the step is not one of
+        those or the stack does not take it (then the general path runs)."""
+        bs, top, blocks = self.block_size, 0, 0
+        for item in order:
+            seq = item.seq
+            if item.num_tokens != 1 or not item.is_last_chunk or seq.prefix is not None or seq.adapter is not None:
+                return None
+            blocks = max(blocks, len(seq.block_table))
+        rows = self._rows
+        if rows is None or not rows.fits(len(order), blocks):
+            rows = self._rows = DecodeRows(max(len(order), self.max_num_seqs), max(2 * blocks, 64), bs)
+        used = 0                                        # blocks holding the step's keys
+        for b, item in enumerate(order):
+            seq = item.seq
+            p = seq.num_computed_tokens                 # the new token's key slot: keys 0 .. p attended
+            table = seq.block_table
+            position = seq.first_position + p
+            top, used = max(top, position), max(used, p // bs + 1)
+            rows.set(b, seq.all_ids[p], position, table[p // bs] * bs + p % bs, p + 1, table)
+        return self.model.rows_logits(self.kv, rows, len(order), used, top)
 
     def build_meta(self, order: list[ScheduledSeq]) -> tuple[BatchMeta, list[ScheduledSeq]]:
         if all(item.num_tokens == 1 and item.is_last_chunk and item.seq.prefix is None for item in order):
@@ -70,45 +102,54 @@ class ModelRunner:
 
     def _decode_meta(self, order: list[ScheduledSeq]) -> tuple[BatchMeta, list[int]]:
         """`_meta` of a step where every sequence decodes one token, with no shared prefix: the same tensors
-        from two host -> tensor copies and one comparison (a decode step's Python runs on caches the weight
-        stream has just swept, where each torch call costs several times its warm time)."""
+        built in numpy and wrapped (a decode step's Python runs on caches the weight stream has just swept,
+        where each torch call costs several times its warm time; numpy's calls cost less)."""
         bs, b = self.block_size, len(order)
-        rows, ids, positions, slots, seen = list(range(b)), [], [], [], []
+        per_row = np.empty((5, b), dtype=np.int64)       # rows, ids, positions, slots, seen
         tables = []
-        for item in order:
+        num_blocks = 0
+        for i, item in enumerate(order):
             seq = item.seq
             p = seq.num_computed_tokens
             table, first = seq.block_table, seq.num_prefix_blocks * bs
-            ids.append(seq.all_ids[p])
-            positions.append(seq.first_position + p)
-            slots.append(table[(first + p) // bs] * bs + (first + p) % bs)
-            seen.append(p)                              # the query's key slot: keys 0 .. p attended
+            per_row[1, i] = seq.all_ids[p]
+            per_row[2, i] = seq.first_position + p
+            per_row[3, i] = table[(first + p) // bs] * bs + (first + p) % bs
+            per_row[4, i] = p                           # the query's key slot: keys 0 .. p attended
+            num_blocks = max(num_blocks, p // bs + 1)
             tables.append(table)
-        num_blocks = max(cdiv(p + 1, bs) for p in seen)
-        per_row = self._tensor([rows, ids, positions, slots, seen])
+        per_row[0] = np.arange(b)
+        block_tables = np.zeros((b, num_blocks), dtype=np.int64)        # padded with block 0, masked
+        for i, table in enumerate(tables):
+            row = table[:num_blocks]
+            block_tables[i, :len(row)] = row
         qpos = per_row[4][:, None]
         kpos = self._key_slots(num_blocks * bs)[None, :]
         causal = kpos <= qpos
-        masks = {None: causal.view(b, 1, 1, -1)}
+        masks = {None: self._from_numpy(causal).view(b, 1, 1, -1)}
         for window in set(self.spec.sliding_window) - {None}:
-            masks[window] = (causal & (kpos > qpos - window)).view(b, 1, 1, -1)
+            masks[window] = self._from_numpy(causal & (kpos > qpos - window)).view(b, 1, 1, -1)
+        rows = self._from_numpy(per_row)
         group = AttnGroup(
-            token_index=per_row[0].view(b, 1),
-            out_index=per_row[0],
+            token_index=rows[0].view(b, 1),
+            out_index=rows[0],
             valid=None,
-            block_tables=self._tensor([t[:num_blocks] + [0] * (num_blocks - len(t)) for t in tables]),
+            block_tables=self._from_numpy(block_tables),
             masks=masks,
             first_row=0,
         )
-        meta = BatchMeta(input_ids=per_row[1], positions=per_row[2], slot_mapping=per_row[3], attn_groups=[group],
-                         sample_index=per_row[0], max_position=max(positions))
-        return meta, rows
+        meta = BatchMeta(input_ids=rows[1], positions=rows[2], slot_mapping=rows[3], attn_groups=[group],
+                         sample_index=rows[0], max_position=int(per_row[2].max()))
+        return meta, list(range(b))
 
-    def _key_slots(self, n: int) -> torch.Tensor:
+    def _from_numpy(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)                     # shares the array's memory
+        return t if self.device.type == "cpu" else t.to(self.device)
+
+    def _key_slots(self, n: int) -> np.ndarray:
         """0 .. n - 1 (a view of one arange kept and grown by doubling)."""
-        if self._arange is None or self._arange.numel() < n:
-            self._arange = torch.arange(max(n, 2 * (0 if self._arange is None else self._arange.numel()), 1024),
-                                        device=self.device)
+        if self._arange is None or self._arange.size < n:
+            self._arange = np.arange(max(n, 2 * (0 if self._arange is None else self._arange.size), 1024))
         return self._arange[:n]
 
     def _meta(self, order: list[ScheduledSeq]) -> tuple[BatchMeta, list[int], list[ScheduledSeq]]:

@@ -16,6 +16,7 @@ def decode_orders(engine, prompts, steps):
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
     runner, orders = engine.runner, []
+    runner.base_decode = False              # base-model decode steps build their metadata too (tests/test_base_decode.py)
     real = runner.build_meta
 
     def spy(order):

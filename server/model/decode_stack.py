@@ -11,6 +11,7 @@ the kernel takes.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kernels import decode_layers as dl
@@ -35,6 +36,9 @@ class DecodeStack:
         self.table = self._table()
         self.table_np = None if self.table is None else self.table.numpy()
         self.workspace: dl.Workspace | None = None            # for the most rows seen so far
+        self.supported: dict[int, bool] = {}                  # rows -> dl.supports (h is always like `residual`)
+        self.residual: torch.Tensor | None = None             # the stack's h, for the most rows seen so far
+        self.base_head: dl.Head | None = None                 # the lm_head with no LoRA ops
         self.has_ops = False                                  # the table's LoRA columns point at ops
 
     def _table(self) -> torch.Tensor | None:
@@ -70,9 +74,13 @@ class DecodeStack:
         g = meta.attn_groups[0]
         b, nq = g.token_index.shape
         embed = model.embed_tokens.weight
-        h = embed.new_empty(b, embed.shape[1])
+        if self.residual is None or self.residual.shape[0] < b:
+            self.residual = embed.new_empty(b, embed.shape[1])
+        h = self.residual[:b]                   # the kernel's residual stream: its first b rows (contiguous)
+        if b not in self.supported:
+            self.supported[b] = dl.supports(h, self.dims)
         if (nq != 1 or g.first_row != 0 or b != meta.num_tokens or g.valid is not None
-                or meta.sample_index.shape[0] != b or not dl.supports(h, self.dims)):
+                or meta.sample_index.shape[0] != b or not self.supported[b]):
             return None
         masks = {}
         for window, mask in g.masks.items():
@@ -122,6 +130,71 @@ class DecodeStack:
                                   ids=None if given else meta.input_ids, embed=None if given else embed, head=head,
                                   workspace=self.workspace)
         return logits
+
+
+    def rows_logits(self, rows: DecodeRows, b: int, blocks: int, top: int) -> torch.Tensor | None:
+        """`logits` of a decode-only step of b base-model rows (no adapter) given in `rows` (their key slots in
+        `blocks` blocks, positions up to `top`), or None when the kernel does not take it (a sliding window, a
+        quantized layer, too many rows)."""
+        model = self.model
+        if self.table is None or any(w is not None for w in self.windows):
+            return None
+        embed = model.embed_tokens.weight
+        if self.residual is None or self.residual.shape[0] < b:
+            self.residual = embed.new_empty(b, embed.shape[1])
+        h = self.residual[:b]
+        if b not in self.supported:
+            self.supported[b] = dl.supports(h, self.dims)
+        if not self.supported[b]:
+            return None
+        mask = rows.addresses[4]
+        if self.table_np[0, MASK] != mask:             # the general path's masks were there
+            self.table_np[:, MASK] = mask
+        if self.has_ops:
+            self.table_np[:, LORA0:] = 0
+            self.has_ops = False
+        cos, sin = model.rope_tables(top + 1, h.dtype)
+        if self.base_head is None:
+            self.base_head = dl.Head(model.norm.weight, model.lm_head.weight, model.lm_head.bias, (0, 0))
+        vocab = model.lm_head.weight.shape[0]
+        if self.workspace is None or not self.workspace.fits(b, h.dtype, self.dims, vocab):
+            self.workspace = dl.Workspace(b, h.dtype, self.dims, vocab)
+        return dl.decode_layers(h, self.table, None, self.dims, None, cos, sin, None, None, self.kv.block_size,
+                                embed=embed, head=self.base_head, workspace=self.workspace,
+                                rows=rows.row_addresses(blocks))
+
+
+class DecodeRows:
+    """The per-row inputs of decode-only steps in numpy buffers kept from step to step, written straight from the
+    runner's sequences: a step makes no tensor for them (after a weight stream every torch call runs on cold
+    caches). Row b's mask is causal, its first `keys[b]` entries set (no sliding window); table rows hold the
+    sequences' block tables from their start, entries past a row's own left as they were (never read)."""
+
+    def __init__(self, rows: int, blocks: int, block_size: int):
+        self.block_size, self.blocks = block_size, blocks
+        self.ids, self.positions, self.slots = (np.zeros(rows, dtype=np.int64) for _ in range(3))
+        self.tables = np.zeros((rows, blocks), dtype=np.int64)
+        self.mask = np.zeros((rows, blocks * block_size), dtype=np.bool_)
+        self.keys = [0] * rows
+        self.addresses = [a.ctypes.data for a in (self.ids, self.positions, self.slots, self.tables, self.mask)]
+
+    def fits(self, rows: int, blocks: int) -> bool:
+        return rows <= len(self.keys) and blocks <= self.blocks
+
+    def set(self, b: int, token: int, position: int, slot: int, keys: int, table: list[int]) -> None:
+        """Row b: its token at `position` (cache row `slot`) attends to key slots 0 .. keys - 1 of `table`."""
+        self.ids[b], self.positions[b], self.slots[b] = token, position, slot
+        self.tables[b, :len(table)] = table
+        old = self.keys[b]
+        if keys > old:
+            self.mask[b, old:keys] = True
+        elif keys < old:
+            self.mask[b, keys:old] = False
+        self.keys[b] = keys
+
+    def row_addresses(self, blocks: int) -> dl.RowAddresses:
+        ids, positions, slots, tables, _ = self.addresses
+        return dl.RowAddresses(ids, positions, slots, tables, blocks, self.blocks, self.blocks * self.block_size)
 
 
 def _add_ops(ops: list, hooks, meta: BatchMeta, linear) -> bool:

@@ -214,6 +214,13 @@ class LlamaModel(nn.Module):
             hook(h, meta)
         return h
 
+    def rows_logits(self, kv: KVCache, rows, b: int, blocks: int, top: int) -> torch.Tensor | None:
+        """A decode-only step of base-model rows given in numpy buffers (server.model.decode_stack.DecodeRows),
+        straight to the decode stack: its logits [b, vocab] (float32), or None where the stack does not take it."""
+        if self._decode_stack is None or not self._decode_stack.fits(kv):
+            self._decode_stack = DecodeStack(self, kv)
+        return self._decode_stack.rows_logits(rows, b, blocks, top)
+
     @torch.inference_mode()
     def forward(self, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
         """Returns logits [S, vocab] (float32) for the rows `meta.sample_index`."""
