@@ -74,13 +74,9 @@ class DecodeStack:
         g = meta.attn_groups[0]
         b, nq = g.token_index.shape
         embed = model.embed_tokens.weight
-        if self.residual is None or self.residual.shape[0] < b:
-            self.residual = embed.new_empty(b, embed.shape[1])
-        h = self.residual[:b]                   # the kernel's residual stream: its first b rows (contiguous)
-        if b not in self.supported:
-            self.supported[b] = dl.supports(h, self.dims)
-        if (nq != 1 or g.first_row != 0 or b != meta.num_tokens or g.valid is not None
-                or meta.sample_index.shape[0] != b or not self.supported[b]):
+        h = self._residual(b)
+        if (h is None or nq != 1 or g.first_row != 0 or b != meta.num_tokens or g.valid is not None
+                or meta.sample_index.shape[0] != b):
             return None
         masks = {}
         for window, mask in g.masks.items():
@@ -122,15 +118,11 @@ class DecodeStack:
             h = model.embed(meta)
             if h.dtype != embed.dtype or not h.is_contiguous():
                 return None
-        vocab = model.lm_head.weight.shape[0]
-        if self.workspace is None or not self.workspace.fits(b, h.dtype, self.dims, vocab):
-            self.workspace = dl.Workspace(b, h.dtype, self.dims, vocab)
         logits = dl.decode_layers(h, self.table, torch.tensor(ops, dtype=torch.long) if ops else None, self.dims,
                                   meta.positions, cos, sin, meta.slot_mapping, g.block_tables, self.kv.block_size,
                                   ids=None if given else meta.input_ids, embed=None if given else embed, head=head,
-                                  workspace=self.workspace)
+                                  workspace=self._workspace(b))
         return logits
-
 
     def rows_logits(self, rows: DecodeRows, b: int, blocks: int, top: int) -> torch.Tensor | None:
         """`logits` of a decode-only step of b base-model rows (no adapter) given in `rows` (their key slots in
@@ -139,13 +131,8 @@ class DecodeStack:
         model = self.model
         if self.table is None or any(w is not None for w in self.windows):
             return None
-        embed = model.embed_tokens.weight
-        if self.residual is None or self.residual.shape[0] < b:
-            self.residual = embed.new_empty(b, embed.shape[1])
-        h = self.residual[:b]
-        if b not in self.supported:
-            self.supported[b] = dl.supports(h, self.dims)
-        if not self.supported[b]:
+        h = self._residual(b)
+        if h is None:
             return None
         mask = rows.addresses[4]
         if self.table_np[0, MASK] != mask:             # the general path's masks were there
@@ -156,12 +143,26 @@ class DecodeStack:
         cos, sin = model.rope_tables(top + 1, h.dtype)
         if self.base_head is None:
             self.base_head = dl.Head(model.norm.weight, model.lm_head.weight, model.lm_head.bias, (0, 0))
-        vocab = model.lm_head.weight.shape[0]
-        if self.workspace is None or not self.workspace.fits(b, h.dtype, self.dims, vocab):
-            self.workspace = dl.Workspace(b, h.dtype, self.dims, vocab)
         return dl.decode_layers(h, self.table, None, self.dims, None, cos, sin, None, None, self.kv.block_size,
-                                embed=embed, head=self.base_head, workspace=self.workspace,
+                                embed=model.embed_tokens.weight, head=self.base_head, workspace=self._workspace(b),
                                 rows=rows.row_addresses(blocks))
+
+    def _residual(self, b: int) -> torch.Tensor | None:
+        """The kernel's residual stream for b rows (the first b of one buffer kept for the most rows seen), or
+        None when the kernel does not take b rows."""
+        embed = self.model.embed_tokens.weight
+        if self.residual is None or self.residual.shape[0] < b:
+            self.residual = embed.new_empty(b, embed.shape[1])
+        h = self.residual[:b]
+        if b not in self.supported:
+            self.supported[b] = dl.supports(h, self.dims)
+        return h if self.supported[b] else None
+
+    def _workspace(self, b: int) -> dl.Workspace:
+        vocab = self.model.lm_head.weight.shape[0]
+        if self.workspace is None or not self.workspace.fits(b, self.residual.dtype, self.dims, vocab):
+            self.workspace = dl.Workspace(b, self.residual.dtype, self.dims, vocab)
+        return self.workspace
 
 
 class DecodeRows:
