@@ -79,7 +79,7 @@ class ModelRunner:
             table = seq.block_table
             position = seq.first_position + p
             top, used = max(top, position), max(used, p // bs + 1)
-            rows.set(b, seq.all_ids[p], position, table[p // bs] * bs + p % bs, p + 1, table)
+            rows.set(b, seq.token_at(p), position, table[p // bs] * bs + p % bs, p + 1, table)
         return self.model.rows_logits(self.kv, rows, len(order), used, top)
 
     def build_meta(self, order: list[ScheduledSeq]) -> tuple[BatchMeta, list[ScheduledSeq]]:
@@ -112,7 +112,7 @@ class ModelRunner:
             seq = item.seq
             p = seq.num_computed_tokens
             table, first = seq.block_table, seq.num_prefix_blocks * bs
-            per_row[1, i] = seq.all_ids[p]
+            per_row[1, i] = seq.token_at(p)
             per_row[2, i] = seq.first_position + p
             per_row[3, i] = table[(first + p) // bs] * bs + (first + p) % bs
             per_row[4, i] = p                           # the query's key slot: keys 0 .. p attended

@@ -96,6 +96,11 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_at(self, i: int) -> int:
+        """all_ids[i] without building all_ids (a decode step reads one token a sequence)."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
