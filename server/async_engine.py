@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ class _Stream:
 
 
 class AsyncEngine:
+    ADAPTER_STATS_EVERY_S = 0.5     # while stepping, the adapter registry's stats are read at most this often
+
     def __init__(self, engine, max_waiting: int | None = None):
         """`max_waiting` defaults to `engine.config.max_waiting`; more waiting requests -> EngineOverloaded."""
         self.engine = engine
@@ -70,7 +73,8 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}        # guarded by _cond
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._stats: dict = {}                        # last engine.stats(), replaced whole by the engine thread
+        self._stats: dict = {}                        # last engine.stats(), replaced by the engine thread
+        self._adapter_stats_at = 0.0                  # time.monotonic() of the last stats with the adapters
         self._in_engine: dict[str, int] = {}          # id added to the engine -> its unfinished samples; engine thread
 
     # --- lifecycle -------------------------------------------------------------------------------------------
@@ -195,16 +199,21 @@ class AsyncEngine:
                     log.exception("engine step failed; failing the requests in flight")
                     self._fail_all(exc)
                     paused_after_error = True
-                self._publish_stats()
+                self._publish_stats(include_adapters=not self.engine.has_unfinished() or time.monotonic()
+                                    - self._adapter_stats_at >= self.ADAPTER_STATS_EVERY_S)
 
-    def _publish_stats(self, num_applied_adds: int = 0) -> None:
+    def _publish_stats(self, num_applied_adds: int = 0, include_adapters: bool = True) -> None:
+        """Replace the published stats; without `include_adapters` only the engine's per-step ones (the adapter
+        registry's, which take time in the number of adapters, are kept from the last full read)."""
         try:
-            stats = dict(self.engine.stats())
+            stats = dict(self.engine.stats(include_adapters=include_adapters))
         except Exception:
             log.exception("engine.stats() failed")
-            stats = self._stats
+            stats, include_adapters = {}, False         # keep what was published
+        if include_adapters:
+            self._adapter_stats_at = time.monotonic()
         with self._cond:
-            self._stats = stats
+            self._stats = stats if include_adapters else {**self._stats, **stats}
             self._num_queued_adds -= num_applied_adds
 
     def _apply(self, command: _Add | _Abort | _Call) -> None:

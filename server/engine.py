@@ -353,9 +353,10 @@ class LLMEngine:
             cumulative_logprob=state.cumulative_logprob,
         )
 
-    def stats(self) -> dict:
-        """Counters and gauges for /metrics and /health (server/engine_stats.py)."""
-        return engine_stats(self)
+    def stats(self, include_adapters: bool = True) -> dict:
+        """Counters and gauges for /metrics and /health (server/engine_stats.py); without `include_adapters`, only
+        those that change with every step."""
+        return engine_stats(self, include_adapters)
 
     # ---- offline use -------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

@@ -22,6 +22,7 @@ class FakeEngine:
         self.gate: threading.Event | None = None
         self.fail_next = False
         self.num_steps = 0
+        self.stats_calls: list[bool] = []         # include_adapters of each stats() call
 
     def add_request(self, request_id, prompt_ids, params, adapter=None, adapter_drop=None):
         self.thread_ids.add(threading.get_ident())
@@ -56,7 +57,8 @@ class FakeEngine:
                 del self.requests[rid]
         return outputs
 
-    def stats(self):
+    def stats(self, include_adapters=True):
+        self.stats_calls.append(include_adapters)
         return {"num_running": len(self.requests), "num_waiting": 0}
 
 
@@ -86,6 +88,22 @@ def test_generate_streams_deltas_from_one_thread(fake):
     assert len(b) == 5 and b[-1].finish_reason == "length"
     assert len(engine.thread_ids) == 1 and threading.get_ident() not in engine.thread_ids
     assert not engine.requests and not engine.aborted
+
+
+def test_adapter_stats_read_when_idle_and_at_most_every_interval_while_stepping(fake):
+    """The registry's stats (time in the number of adapters) are left out of the per-step stats while requests
+    run, read again at most every ADAPTER_STATS_EVERY_S, and always once the engine goes idle."""
+    engine, async_engine = fake
+    async_engine.ADAPTER_STATS_EVERY_S = 1e9
+    asyncio.run(collect(async_engine, 20))
+    steps = engine.stats_calls[-20:]             # the stats published after each of the request's 20 steps
+    assert steps == [False] * 19 + [True]
+    assert async_engine.stats()["num_running"] == 0
+
+    engine.stats_calls.clear()
+    async_engine.ADAPTER_STATS_EVERY_S = 0.0     # every step is past the interval
+    asyncio.run(collect(async_engine, 5))
+    assert engine.stats_calls[-5:] == [True] * 5
 
 
 def test_idle_thread_does_not_spin(fake):
