@@ -5,9 +5,9 @@ from __future__ import annotations
 
 def engine_stats(engine, include_adapters: bool = True) -> dict:
     """The engine's counters and gauges (what /metrics and /health report), read on the engine thread. Without
-    `include_adapters` only what `step_stats` reads: the adapter registry's gauges cost time in the number of
-    registered adapters (~1.3 us each), so the serving loop reads them after commands, when it goes idle, and at
-    most every AsyncEngine.ADAPTER_STATS_EVERY_S while it steps (server/async_engine.py)."""
+    `include_adapters` only what `step_stats` reads: the adapter registry's gauges take ~2 us per registered
+    adapter (bench/stats_cost.py), so the serving loop reads them after commands, when it goes idle, and at most
+    every AsyncEngine.ADAPTER_STATS_EVERY_S while it steps (server/async_engine.py)."""
     stats = step_stats(engine)
     if include_adapters:
         stats.update(adapter_stats(engine))
