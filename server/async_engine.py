@@ -191,7 +191,9 @@ class AsyncEngine:
             for command in commands:
                 self._apply(command)
             if commands:                # the applied adds now show in the engine's own num_waiting
-                self._publish_stats(num_applied_adds=sum(isinstance(c, _Add) for c in commands))
+                self._publish_stats(num_applied_adds=sum(isinstance(c, _Add) for c in commands),
+                                    include_adapters=any(isinstance(c, _Call) for c in commands)
+                                    or self._adapter_stats_due())
             if self.engine.has_unfinished() and not paused_after_error:
                 try:
                     self._route(self.engine.step())
@@ -199,8 +201,13 @@ class AsyncEngine:
                     log.exception("engine step failed; failing the requests in flight")
                     self._fail_all(exc)
                     paused_after_error = True
-                self._publish_stats(include_adapters=not self.engine.has_unfinished() or time.monotonic()
-                                    - self._adapter_stats_at >= self.ADAPTER_STATS_EVERY_S)
+                self._publish_stats(include_adapters=self._adapter_stats_due())
+
+    def _adapter_stats_due(self) -> bool:
+        """Whether the next publish reads the adapter registry too: the engine is idle, or the last read is older
+        than ADAPTER_STATS_EVERY_S (adds and aborts do not change the registry; adapter calls (_Call) may)."""
+        return (not self.engine.has_unfinished()
+                or time.monotonic() - self._adapter_stats_at >= self.ADAPTER_STATS_EVERY_S)
 
     def _publish_stats(self, num_applied_adds: int = 0, include_adapters: bool = True) -> None:
         """Replace the published stats; without `include_adapters` only the engine's per-step ones (the adapter

@@ -96,8 +96,8 @@ def test_adapter_stats_read_when_idle_and_at_most_every_interval_while_stepping(
     engine, async_engine = fake
     async_engine.ADAPTER_STATS_EVERY_S = 1e9
     asyncio.run(collect(async_engine, 20))
-    steps = engine.stats_calls[-20:]             # the stats published after each of the request's 20 steps
-    assert steps == [False] * 19 + [True]
+    # the publish after the add command (an add does not change the registry), then one after each of 20 steps
+    assert engine.stats_calls[-21:] == [False] * 20 + [True]
     assert async_engine.stats()["num_running"] == 0
 
     engine.stats_calls.clear()
