@@ -341,7 +341,7 @@ phase_lora(const Step *s, const int64_t *range, const void *x, int H_in, void *y
         const int blocks = (int)first[P];
 #pragma omp for collapse(2) schedule(static)
         for (int i = 0; i < nseg; i++)
-            for (int r = 0; r < R; r++)
+            for (int r = 0; r < R; r += SRB)
                 shrink_item(x, H_in, H_in, ADDR(op, OP_A), R, ss, sl, sk, so, s->lora_tmp, i, r, bf16);
 #pragma omp for collapse(2) schedule(static)
         for (int i = 0; i < nseg; i++)

@@ -9,8 +9,8 @@
  *   part_* [nparts]            int64 rank rows [r0, r1) of a, column, width, and the address of the slice's
  *                              B^T stack [S, r1 - r0, width] (contiguous)
  *
- * Phase 1, items (segment, rank row): each A row is read once and dotted with the segment's token rows into
- * fp32 scratch (rounded to bf16 for bf16 inputs, as the torch path's bf16 shrink output is). Phase 2, items
+ * Phase 1, items (segment, block of SRB rank rows): each A row is read once and dotted with the segment's token
+ * rows into fp32 scratch (rounded to bf16 for bf16 inputs, as the torch path's bf16 shrink output is). Phase 2, items
  * (segment, slice, block of CB columns): the block's B^T rows are read once and accumulated in fp32 for each
  * token row, then added to y (one rounding for bf16). */
 #include "lora.h"
@@ -40,7 +40,7 @@
         {                                                                                                       \
             _Pragma("omp for collapse(2) schedule(static)")                                                     \
             for (int i = 0; i < nseg; i++)                                                                      \
-                for (int r = 0; r < R; r++)                                                                     \
+                for (int r = 0; r < R; r += SRB)                                                                     \
                     NAME##_shrink(x, x_row, H_in, a, R, ss, sl, sk, so, tmp, i, r);                            \
             _Pragma("omp for collapse(2) schedule(static)")                                                     \
             for (int i = 0; i < nseg; i++)                                                                      \
