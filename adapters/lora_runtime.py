@@ -120,11 +120,8 @@ class _RankStacks:
         parts = self._parts_of(linear)
         fused = parts[2]
         if fused is not None and not self._has_dora(seg) and lora_fused.supports(x, self.a, fused, y):
-            short, seg = _by_length(seg)                          # decode-sized segments, the others
-            if short is not None:
-                lora_fused.lora_fused(x, self.a, fused, short, y)  # shrink + every expand in one call
-            if seg is None:
-                return
+            lora_fused.lora_fused(x, self.a, fused, lora_fused.blocked(seg), y)  # shrink + every expand, one call
+            return
         shrunk = kernels.sgmv_shrink(x, self.a, seg)              # [T, sum(ranks)]
         dora = self._has_dora(seg)
         for name, start, end, (col, width) in parts[1]:
@@ -158,22 +155,6 @@ class _RankStacks:
                 else:
                     b = bias[col:col + width]
                     part.sub_(b).mul_(g).add_(b)
-
-
-def _by_length(seg: SegmentMeta) -> tuple[SegmentMeta | None, SegmentMeta | None]:
-    """`seg` cut in two (None where empty): segments of at most lora_fused.MAX_LEN rows, for the C kernel, and the
-    longer ones (prefill chunks), for the torch path's GEMMs. Memoised in seg.derived."""
-    found = seg.derived.get("lora_by_length")
-    if found is None:
-        short, long = ([], [], []), ([], [], [])
-        for start, n, slot in zip(seg.start_list, seg.len_list, seg.slot_list):
-            if n:
-                for part, v in zip(short if n <= lora_fused.MAX_LEN else long, (start, n, slot)):
-                    part.append(v)
-        found = seg.derived["lora_by_length"] = tuple(
-            SegmentMeta.from_segments(*cut, seg.num_tokens, seg.starts.device) if cut[0] else None
-            for cut in (short, long))
-    return found
 
 
 def _b_stack(w: torch.Tensor, num_slots: int, width: int, rank: int) -> torch.Tensor:
@@ -357,8 +338,8 @@ class LoraRuntime(AdapterRuntime):
         if all(s is None for s in token_slots):
             return None
         device = self.model.embed_tokens.weight.device
-        # a request with more rows than the CPU kernel's segments (a prefill chunk) is a segment of its own, so the
-        # decode rows of its adapter stay one short segment (_by_length)
+        # a request with more rows than a decode (a prefill chunk) is a segment of its own, so the decode rows of its
+        # adapter stay one short segment: the C kernel's cut into blocks (lora_fused.blocked) leaves them whole
         runs = [i if item.num_tokens > lora_fused.MAX_LEN else -1
                 for i, item in enumerate(layout.items) for _ in range(item.num_tokens)]
         thresholds = sorted({f for s, f in zip(token_slots, token_first) if s is not None})

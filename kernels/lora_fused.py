@@ -20,7 +20,8 @@ from kernels import native, reference
 from kernels.segments import SegmentMeta
 
 DTYPES = {torch.float32: "lora_fused_f32", torch.bfloat16: "lora_fused_bf16"}
-MAX_LEN = 16    # segments up to this long (decodes) go to the kernel; longer ones (prefill) to the torch path's GEMMs
+MAX_LEN = 16    # segments up to this long are decodes (adapters/lora_runtime.py keeps a prefill chunk apart from them)
+BLOCK = 64      # longer segments are cut into pieces of this many rows (`blocked`)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,26 @@ def supports(x: torch.Tensor, a: torch.Tensor, sl: Slices, y: torch.Tensor) -> b
     return (x.dtype in DTYPES and a.dtype == x.dtype == y.dtype == sl.dtype and x.device.type == "cpu"
             and x.dim() == 2 and y.dim() == 2 and x.stride(1) == 1 and y.stride(1) == 1 and a.is_contiguous()
             and a.shape[2] == x.shape[1] and a.shape[0] == sl.b_t[0].shape[0] and available())
+
+
+def blocked(seg: SegmentMeta) -> SegmentMeta:
+    """`seg` with every segment longer than BLOCK rows cut into BLOCK-row pieces of the same slot (memoised in
+    seg.derived). A piece's x rows stay in L2 while the kernel dots them with each block of A rows, and a long
+    prefill chunk becomes many work items for the threads: bench/lora_prefill.py measures the kernel so cut
+    against the torch path's per-segment GEMMs."""
+    found = seg.derived.get("lora_blocked")
+    if found is None:
+        if seg.max_len <= BLOCK:
+            found = seg
+        else:
+            cut = ([], [], [])
+            for start, n, slot in zip(seg.start_list, seg.len_list, seg.slot_list):
+                for at in range(0, n, BLOCK):
+                    for part, v in zip(cut, (start + at, min(BLOCK, n - at), slot)):
+                        part.append(v)
+            found = SegmentMeta.from_segments(*cut, seg.num_tokens, seg.starts.device)
+        seg.derived["lora_blocked"] = found
+    return found
 
 
 def available() -> bool:

@@ -52,6 +52,7 @@ SEGMENTS = {
     "decode": ([1] * 6, [0, 1, 2, 3, 4, 0]),
     "decode-by-adapter": ([3, 2, 4], [4, 1, 2]),
     "empty-and-long": ([5, 0, 16, 1], [2, 3, 2, 0]),
+    "prefill": ([70, 1, 133, 3], [1, 0, 3, 1]),    # prefill chunks longer than lf.BLOCK beside decodes
 }
 
 
@@ -88,11 +89,23 @@ def test_each_segment_uses_its_own_slot():
     torch.testing.assert_close(out[1:], out2[1:], atol=0, rtol=0)
 
 
+def test_long_segments_are_cut_into_blocks_of_the_same_slot():
+    lens, slots = SEGMENTS["prefill"]
+    x, a, sl, seg, y = make_case(4, "qkv", lens, slots, base_rows=[2, 0, 1, 3])
+    cut = lf.blocked(seg)
+    assert cut.len_list == [64, 6, 1, 64, 64, 5, 3] and cut.slot_list == [1, 1, 0, 3, 3, 3, 1]
+    assert cut.start_list == [2, 66, 72, 74, 138, 202, 210]
+    assert lf.blocked(seg) is cut and lf.blocked(cut) is cut     # memoised; short segments stay as they are
+    ref = lf.lora_fused_ref(x, a, sl, seg, y.clone())
+    torch.testing.assert_close(lf.lora_fused(x, a, sl, cut, y.clone()), ref, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("linear", ["qkv", "wide"])
-def test_bf16_matches_the_reference(linear):
+@pytest.mark.parametrize("segments", ["empty-and-long", "prefill"])
+def test_bf16_matches_the_reference(linear, segments):
     """bf16: the shrink output rounded to bf16 and y rounded once after the fp32 expand, as the reference does;
     the two differ only in fp32 summation order (at most one bf16 rounding step apart)."""
-    lens, slots = SEGMENTS["empty-and-long"]
+    lens, slots = SEGMENTS[segments]
     x, a, sl, seg, y = make_case(3, linear, lens, slots, dtype=torch.bfloat16)
     out = lf.lora_fused(x, a, sl, seg, y.clone())
     ref = lf.lora_fused_ref(x, a, sl, seg, y.clone())
@@ -150,7 +163,7 @@ def test_engine_decode_uses_the_kernel_and_matches_peft(tiny_model_dir, tmp_path
     real_fused, real_shrink = lf.lora_fused, kernels.sgmv_shrink
 
     def spy_fused(x, a, sl, seg, y):
-        calls["fused"].append(seg.max_len)
+        calls["fused"].append(sorted(n for n in seg.len_list if n))
         return real_fused(x, a, sl, seg, y)
 
     def spy_shrink(x, a, seg):
@@ -158,13 +171,15 @@ def test_engine_decode_uses_the_kernel_and_matches_peft(tiny_model_dir, tmp_path
         return real_shrink(x, a, seg)
     monkeypatch.setattr(lf, "lora_fused", spy_fused)
     monkeypatch.setattr(kernels, "sgmv_shrink", spy_shrink)
-    # the 30-token prompt's prefill (longer than MAX_LEN) shares a step with the others' decodes
-    prompts = make_prompts(7, [4, 9, 6, 30])
+    # the 150-token prompt's prefill (longer than lf.BLOCK) shares a step with the others' decodes
+    prompts = make_prompts(7, [4, 9, 6, 150])
     names = ["a", "b", BASE, "a"]
     engine = engine_with(base, dirs)
     tokens, logits = run_with_adapters(engine, prompts, names, [0, 0, 1, 2])
-    assert calls["fused"] and max(calls["fused"]) <= lf.MAX_LEN    # short segments went through the kernel
-    assert calls["torch"] and min(calls["torch"]) > lf.MAX_LEN     # only long prefills through the torch path
+    assert not calls["torch"]                                       # every segment went through the kernel
+    assert max(max(lens) for lens in calls["fused"]) == lf.BLOCK   # the long prefill in blocks
+    mixed = [lens for lens in calls["fused"] if lens[0] == 1 and lens[-1] == lf.BLOCK]
+    assert mixed and any(22 in lens for lens in mixed)              # 150 = 64 + 64 + 22, beside decode rows
     peft_model = load_peft(base, dirs)
     for i, (prompt, name) in enumerate(zip(prompts, names)):
         ref_tokens, ref_logits = peft_reference(peft_model, prompt, name)
