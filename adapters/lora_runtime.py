@@ -15,6 +15,7 @@ touches its own adapters' rows only. Tokens whose request has no LoRA adapter he
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -189,6 +190,7 @@ class LinearLora:
         self.buckets: dict[int, _RankStacks] = {}                 # rank class -> its stacks
         self.place: dict[int, tuple[int, int]] = {}               # slot -> (rank class, local index)
         self.layout = _Layout()                                   # the memo key of a step's re-cut segments
+        self.stamp = next(_STAMPS)        # new on every install / removal: the memo key of this linear's native ops
 
     def set_slot(self, slot: int, modules: dict) -> None:
         """Install adapter `modules` ({hf_name: LoraModule}, may be empty) into `slot`, clearing whatever was there."""
@@ -201,6 +203,7 @@ class LinearLora:
             bucket.set_slot(local, modules, max(local + 1, bucket.num_slots))
             self.place[slot] = (width, local)
         self.layout = _Layout(sorted(self.place.items()))
+        self.stamp = next(_STAMPS)
 
     def clear_slot(self, slot: int) -> None:
         if slot in self.place:
@@ -210,6 +213,7 @@ class LinearLora:
             else:                                             # a removed wide adapter leaves no wide stack behind
                 del self.buckets[width]
         self.layout = _Layout(sorted(self.place.items()))
+        self.stamp = next(_STAMPS)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, meta, linear: LinearSite) -> None:
         view = meta.adapters["lora"]
@@ -220,10 +224,18 @@ class LinearLora:
             self.buckets[width](x, y, bucket_seg, linear)
 
     def native_ops(self, view: "LoraStepView", linear: LinearSite) -> list[tuple[int, ...]] | None:
-        """`__call__` as kernels/decode_layers LoRA ops (one per rank bucket with tokens), or None."""
+        """`__call__` as kernels/decode_layers LoRA ops (one per rank bucket with tokens), or None. Memoised in the
+        segments' `derived` until an install or removal here: a decode batch that keeps its requests keeps its
+        step view (LoraRuntime.step_view), so its steps reuse the ops."""
         seg = view.segments[linear.layer]
         if not self.buckets or seg is None:
             return []
+        key = ("lora_native", self.stamp)
+        if key not in seg.derived:
+            seg.derived[key] = self._native_ops(seg, linear)
+        return seg.derived[key]
+
+    def _native_ops(self, seg: SegmentMeta, linear: LinearSite) -> list[tuple[int, ...]] | None:
         ops = []
         for width, bucket_seg in self.bucket_segments(seg):
             op = self.buckets[width].native_op(bucket_seg, linear)
@@ -246,6 +258,9 @@ class LinearLora:
             device = seg.starts.device
             seg.derived[key] = [(w, SegmentMeta.from_segments(*cut[w], seg.num_tokens, device)) for w in sorted(cut)]
         return seg.derived[key]
+
+
+_STAMPS = itertools.count()
 
 
 class EmbeddingLora:
@@ -294,6 +309,7 @@ class LoraRuntime(AdapterRuntime):
             for name in linear.slices:
                 self.linears[(linear.layer, name)] = stacks
         self.embedding = EmbeddingLora()
+        self._last_view: tuple[tuple, LoraStepView] | None = None    # (what it was built from, the last step view)
 
     def load(self, path: str):
         from adapters.lora import load_lora
@@ -342,6 +358,9 @@ class LoraRuntime(AdapterRuntime):
         # adapter stay one short segment: the C kernel's cut into blocks (lora_fused.blocked) leaves them whole
         runs = [i if item.num_tokens > lora_fused.MAX_LEN else -1
                 for i, item in enumerate(layout.items) for _ in range(item.num_tokens)]
+        key = (tuple(token_slots), tuple(token_first), tuple(sample_slots), tuple(runs), bool(self.embedding.a))
+        if self._last_view is not None and self._last_view[0] == key:
+            return self._last_view[1]           # e.g. decode steps of the same batch: their memos come along
         thresholds = sorted({f for s, f in zip(token_slots, token_first) if s is not None})
         by_count: dict[int, SegmentMeta | None] = {}
         segments: list[SegmentMeta | None] = []
@@ -353,7 +372,9 @@ class LoraRuntime(AdapterRuntime):
             segments.append(by_count[count])
         has_sampled = any(s is not None for s in sample_slots)
         segments.append(SegmentMeta.from_token_slots(sample_slots, device) if has_sampled else None)
-        return LoraStepView(segments, segments[0] if self.embedding.a else None)
+        view = LoraStepView(segments, segments[0] if self.embedding.a else None)
+        self._last_view = (key, view)
+        return view
 
 
 @dataclass
