@@ -2,7 +2,7 @@
 
     python -m bench.http [--models llama-160m smollm2-135m] [--cases base lora8 lora64 mixed]
                          [--requests 96] [--concurrency 32] [--rates 0.5 0.9] [--dtype float32]
-                         [--shared-prefix]
+                         [--turns 3] [--shared-prefix]
 
 For each model one server process (`python -m server.cli serve`, adapters preloaded with --adapter) and, in this
 process, one offline LLMEngine with the same settings. Every case sends the same greedy requests (token-id
@@ -20,6 +20,10 @@ read bandwidth): the requests then go one by one with the bandwidth measured aft
 1 GiB on huge pages, the server idle), so that a request is compared with the memory speed of its moment (this
 machine's moves by 20% within minutes), and again at the end of the run (bench/step_floor.py's read_bandwidth, best
 of 5; also on 4 KiB pages, the floor before the served weights moved to huge pages).
+--turns N then runs every case's closed loop N more rounds over HTTP and offline in turns (cases and HTTP /
+offline in rotating order, the server idle while the engine in this process runs) and reports each ratio (case /
+base, HTTP / offline) per round, median and range: this machine's speed drifts 20-50% within minutes, so ratios
+of runs minutes apart say more about the drift than about the server.
 --shared-prefix adds the shared-system-prompt workload: every prompt starts with the same ~1k-token system prompt,
 request i for LoRA adapter i mod 8, with automatic prefix caching on and off (one server each).
 
@@ -250,7 +254,8 @@ def bench_model(model: str, args) -> list[dict]:
         names = case_names(case, args.requests, name)
         run_offline(engine, warm, case_names(case, 8, name), name, 4)
         offline[case], offline_steps[case] = run_offline(engine, prompts, names, name, output_len)
-    del engine
+    if not args.turns:
+        del engine
     child, port = start_server(base, name, dirs, args, [])
     try:
         for case in args.cases:
@@ -278,9 +283,50 @@ def bench_model(model: str, args) -> list[dict]:
                 row = dict(model=model, case=case, mode=f"open {rate:.2f} req/s ({frac:.0%})", **opened)
                 emit(row)
                 rows.append(row)
+        if args.turns:
+            rows.append(in_turns(port, engine, model, prompts, output_len, args))
     finally:
         stop_server(child)
     return rows
+
+
+def in_turns(port: int, engine, model: str, prompts, output_len: int, args) -> dict:
+    """--turns rounds of every case's closed loop, over HTTP and offline (this process's engine, the server idle)
+    one after the other, the order of cases and of HTTP / offline rotating each round: every ratio is taken
+    within a round, so the machine's drift (20-50% within minutes here) falls on both of its sides."""
+    tok_s: dict[tuple[str, str], list[float]] = {}
+    for r in range(args.turns):
+        cases = args.cases[r % len(args.cases):] + args.cases[:r % len(args.cases)]
+        for case in cases:
+            names = case_names(case, args.requests, model)
+            bodies = [request_body(n, p, output_len) for n, p in zip(names, prompts)]
+            for where in (("http", "offline") if r % 2 == 0 else ("offline", "http")):
+                if where == "http":
+                    got = summarise(asyncio.run(closed_loop(port, bodies, args.concurrency)))["tok_s"]
+                else:
+                    got = run_offline(engine, prompts, names, model, output_len)[0]
+                tok_s.setdefault((case, where), []).append(got)
+    row = dict(model=model, mode=f"closed {args.concurrency}, {args.turns} rounds in turns", tok_s=tok_s)
+    emit({**row, "tok_s": {f"{c} {w}": v for (c, w), v in tok_s.items()}})
+    return row
+
+
+def print_turns(row: dict) -> None:
+    tok_s = row["tok_s"]
+    cases = list(dict.fromkeys(c for c, _ in tok_s))
+
+    def spread(xs: list[float]) -> str:
+        return f"{statistics.median(xs):.2f} ({min(xs):.2f} - {max(xs):.2f})"
+    print(f"\n{row['model']}, {row['mode']}: tok/s median over rounds, ratios per round: median (min - max)\n")
+    print("| case | HTTP tok/s | offline tok/s | HTTP / offline | / base, HTTP | / base, offline |")
+    print("|---|---|---|---|---|---|")
+    for case in cases:
+        http_, off = tok_s[(case, "http")], tok_s[(case, "offline")]
+        cells = [spread([h / o for h, o in zip(http_, off)])]
+        for where, mine in (("http", http_), ("offline", off)):
+            base = tok_s.get(("base", where))
+            cells.append(spread([m / b for m, b in zip(mine, base)]) if base and case != "base" else "")
+        print(f"| {case} | {statistics.median(http_):.0f} | {statistics.median(off):.0f} | " + " | ".join(cells) + " |")
 
 
 def bench_shared_prefix(model: str, args) -> list[dict]:
@@ -322,6 +368,8 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--kv-cache-memory", default="1GiB")
     ap.add_argument("--shared-prefix", action="store_true", help="only the shared-system-prompt workload")
+    ap.add_argument("--turns", type=int, default=0,
+                    help="then this many rounds of every case's closed loop over HTTP and offline in turns")
     args = ap.parse_args()
     load = os.getloadavg()[0]
     rows = []
@@ -335,6 +383,8 @@ def main():
     print("| model | case | mode | tok/s | offline tok/s | HTTP / offline | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
           "| engine busy, HTTP / offline | mean step, HTTP / offline |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    turns = [r for r in rows if "rounds in turns" in r["mode"]]
+    rows = [r for r in rows if r not in turns]
     for r in rows:
         off = f"{r['offline_tok_s']:.0f} | {r['http_over_offline']:.2f}" if "offline_tok_s" in r else " | "
         steps = " | "
@@ -363,6 +413,8 @@ def main():
         if "base" in by_case:
             print(f"\n{model}: " + ", ".join(f"{c} / base = {v / by_case['base']:.2f}" for c, v in by_case.items()
                                             if c != "base"))
+    for row in turns:
+        print_turns(row)
 
 
 if __name__ == "__main__":
