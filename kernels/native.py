@@ -74,6 +74,11 @@ def _build(source: Path) -> Path:
     return target
 
 
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists `flag` (e.g. "avx512f"): what -march=native compiles the kernels for."""
+    return flag in _cpu_flags().split()
+
+
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kernels import decode_layers as dl
+from kernels import skinny_gemm as sk
 from tests.test_model_vs_hf import capture_logits, engine_for, hf_reference, make_prompts, run_staggered
 from tests.tiny_models import CONFIGS, load_hf
 
@@ -200,19 +201,20 @@ def test_beyond_the_small_batch_rows_the_blas_driver_gives_the_module_paths_logi
         pytest.skip("torch's library exports no GEMM for this dtype here")
     path = tiny_model_dir("llama")
     lora = save_adapter(path, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False), tmp_path / "a", 5)
-    prompts = make_prompts(9, [3 + i % 5 for i in range(20)])
-    adapters = ["a" if i % 3 else BASE for i in range(20)]
+    n = sk.MAX_ROWS[getattr(torch, dtype)] + 4                    # past the small-batch driver's rows
+    prompts = make_prompts(9, [3 + i % 5 for i in range(n)])
+    adapters = ["a" if i % 3 else BASE for i in range(n)]
 
     def run():
-        engine = engine_for(path, dtype=dtype, max_num_seqs=32)
+        engine = engine_for(path, dtype=dtype, max_num_seqs=n)
         engine.adapters.load("a", str(lora))
-        return run_with_adapters(engine, prompts, adapters, [0] * 20)
+        return run_with_adapters(engine, prompts, adapters, [0] * n)
     tokens, logits = run()
-    assert max(stack_calls) == 20
+    assert max(stack_calls) == n
     module_path(monkeypatch)
     ref_tokens, ref_logits = run()
     tol = dict(atol=2e-5, rtol=0) if dtype == "float32" else dict(atol=0.1, rtol=0.02)
-    for i in range(20):
+    for i in range(n):
         torch.testing.assert_close(logits[i], ref_logits[i], **tol)
         if dtype == "float32":
             assert tokens[i] == ref_tokens[i]
@@ -254,7 +256,8 @@ def test_refuses_what_it_does_not_handle():
     d = dl.Dims(64, 4, 2, 16, 160, 1e-6, 0.25)
     assert dl.supports(torch.zeros(3, 64), d)
     assert not dl.supports(torch.zeros(3, 64).half(), d)
-    assert dl.supports(torch.zeros(17, 64), d) == bool(dl._blas()[0])     # beyond the small-batch GEMM: the BLAS
+    beyond = sk.MAX_ROWS[torch.float32] + 1                              # beyond the small-batch GEMM: the BLAS
+    assert dl.supports(torch.zeros(beyond, 64), d) == bool(dl._blas()[0])
     assert not dl.supports(torch.zeros(dl.MAX_ROWS + 1, 64), d)
     assert not dl.supports(torch.zeros(3, 128)[:, ::2], d)
     assert not dl.supports(torch.zeros(3, 64), dl.Dims(64, 4, 2, 1024, 160, 1e-6, 0.25))
