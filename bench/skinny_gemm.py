@@ -47,7 +47,7 @@ def time_all(fn, ws, rows: int, repeats: int) -> float:
 
 def packed_time(ws, rows: int, repeats: int) -> float | None:
     """time_all for the BLAS on weights packed for `rows` rows beforehand (fp32, where torch has the ops); the
-    packed copies are checked against F.linear on one weight of each shape."""
+    packed copies are checked against F.linear on one weight of each shape, and their size printed."""
     if ws[0].dtype != torch.float32 or not (torch._C.has_mkl and hasattr(torch.ops.mkl, "_mkl_linear")):
         return None
     packed = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in ws}
@@ -57,6 +57,9 @@ def packed_time(ws, rows: int, repeats: int) -> float | None:
     for w in {w.shape: w for w in ws}.values():
         x = torch.randn(rows, w.shape[1])
         torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-4, rtol=1e-4)
+    size = sum(p.numel() * p.element_size() for p in packed.values())
+    print(f"packed for {rows} rows: {size / 1e6:.0f} MB allocated for {sum(w.numel() * 4 for w in ws) / 1e6:.0f} MB "
+          f"of weights", flush=True)
     return time_all(linear, ws, rows, repeats)
 
 
