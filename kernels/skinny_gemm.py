@@ -19,7 +19,7 @@ from kernels import native
 DTYPES = {torch.float32: "skinny_gemm_f32", torch.bfloat16: "skinny_gemm_bf16"}
 # rows up to which the kernel beats F.linear (bench/skinny_gemm.py) and the decode stack's one-region driver on it
 # beats its BLAS driver (bench/decode_drivers.py); beyond, the BLAS's blocked GEMM wins. fp32 with AVX-512: 32
-# (2-core AVX-512 VM, 2026-12-04: whole SmolLM2 decode steps 0.92x at 24 rows, 0.95x at 32, 1.13x at 48); without
+# (2-core AVX-512 VM, 2026-12-04: whole SmolLM2 decode steps 0.89-0.92x at 24 rows, 0.93x at 32, 1.04x at 48); without
 # it 16, where it was measured (the portable dots are slower)
 MAX_ROWS = {torch.float32: 32 if native.cpu_has("avx512f") else 16, torch.bfloat16: 8}
 

@@ -191,33 +191,48 @@ def test_rope_tables_equal_the_per_step_formula(tiny_model_dir):
     assert model.rope_tables(1, torch.float32)[0].shape[0] > 12345
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_beyond_the_small_batch_rows_the_blas_driver_gives_the_module_paths_logits(dtype, tiny_model_dir, tmp_path,
-                                                                                  monkeypatch, stack_calls):
+def stack_matches_module_path(dtype, rows, tiny_model_dir, tmp_path, monkeypatch, stack_calls):
+    """`rows` sequences (a third on the base model, the rest on a LoRA adapter) decode through the stack, then
+    again through the module path: same logits (and greedy tokens in fp32)."""
     from peft import LoraConfig
     from tests.peft_fixtures import save_adapter
     from tests.test_lora_vs_peft import BASE, run_with_adapters
-    if not dl._blas()[dtype == "bfloat16"]:
-        pytest.skip("torch's library exports no GEMM for this dtype here")
     path = tiny_model_dir("llama")
     lora = save_adapter(path, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False), tmp_path / "a", 5)
-    n = sk.MAX_ROWS[getattr(torch, dtype)] + 4                    # past the small-batch driver's rows
-    prompts = make_prompts(9, [3 + i % 5 for i in range(n)])
-    adapters = ["a" if i % 3 else BASE for i in range(n)]
+    prompts = make_prompts(9, [3 + i % 5 for i in range(rows)])
+    adapters = ["a" if i % 3 else BASE for i in range(rows)]
 
     def run():
-        engine = engine_for(path, dtype=dtype, max_num_seqs=n)
+        engine = engine_for(path, dtype=dtype, max_num_seqs=rows)
         engine.adapters.load("a", str(lora))
-        return run_with_adapters(engine, prompts, adapters, [0] * n)
+        return run_with_adapters(engine, prompts, adapters, [0] * rows)
     tokens, logits = run()
-    assert max(stack_calls) == n
+    assert max(stack_calls) == rows
     module_path(monkeypatch)
     ref_tokens, ref_logits = run()
     tol = dict(atol=2e-5, rtol=0) if dtype == "float32" else dict(atol=0.1, rtol=0.02)
-    for i in range(n):
+    for i in range(rows):
         torch.testing.assert_close(logits[i], ref_logits[i], **tol)
         if dtype == "float32":
             assert tokens[i] == ref_tokens[i]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_beyond_the_small_batch_rows_the_blas_driver_gives_the_module_paths_logits(dtype, tiny_model_dir, tmp_path,
+                                                                                  monkeypatch, stack_calls):
+    if not dl._blas()[dtype == "bfloat16"]:
+        pytest.skip("torch's library exports no GEMM for this dtype here")
+    rows = sk.MAX_ROWS[getattr(torch, dtype)] + 4                 # past the small-batch driver's rows
+    stack_matches_module_path(dtype, rows, tiny_model_dir, tmp_path, monkeypatch, stack_calls)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_small_batch_driver_at_its_most_rows_gives_the_module_paths_logits(dtype, tiny_model_dir, tmp_path,
+                                                                              monkeypatch, stack_calls):
+    """As many rows as kernels/skinny_gemm.MAX_ROWS sends it (32 fp32 with AVX-512): several groups of four x rows
+    per weight group in the small-batch matmul."""
+    rows = sk.MAX_ROWS[getattr(torch, dtype)]
+    stack_matches_module_path(dtype, rows, tiny_model_dir, tmp_path, monkeypatch, stack_calls)
 
 
 def test_dora_takes_the_module_path_and_its_bucket_neighbours_do_not(tiny_model_dir, tmp_path, stack_calls):
